@@ -1,0 +1,204 @@
+"""Connections, migrations and the one place database errors become ours.
+
+Contract: every function here either returns normally or raises an
+:class:`~availability_cron.errors.AvailabilityCronError`; no psycopg exception
+escapes :func:`translate_errors`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from tenacity import (
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential,
+)
+
+from . import queries
+from .errors import (
+    AvailabilityCronError,
+    ConfigError,
+    ConnectionLost,
+    DatabaseError,
+    DatabaseUnavailable,
+    NotPrimary,
+    SchemaMissing,
+)
+from .lock import lock_key
+from .settings import scrub
+
+log = logging.getLogger(__name__)
+
+Connection = psycopg.Connection[Any]
+
+#: Connect attempts and the overall bound: cron runs every minute, so a database that
+#: is down for longer than a few seconds is reported, not waited for.
+CONNECT_ATTEMPTS = 3
+CONNECT_MAX_SECONDS = 10.0
+CONNECT_TIMEOUT_SECONDS = 5
+
+MIGRATION_LOCK_KEY = lock_key("migrate")
+
+
+
+def check_url(url: str) -> None:
+    """Parse ``url`` locally (no network); a malformed one is a ConfigError."""
+    try:
+        psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError as exc:
+        raise ConfigError(
+            f"DATABASE_URL is not a valid PostgreSQL connection string: {exc}"
+        ) from None
+
+
+def connect(
+    url: str,
+    *,
+    application_name: str,
+    secrets: list[str],
+    attempts: int = CONNECT_ATTEMPTS,
+) -> Connection:
+    """Open an autocommit connection, retrying briefly; raise DatabaseUnavailable if it fails."""
+    retrying = Retrying(
+        stop=stop_after_attempt(attempts) | stop_after_delay(CONNECT_MAX_SECONDS),
+        wait=wait_exponential(multiplier=0.25, max=2),
+        retry=retry_if_exception_type(psycopg.OperationalError),
+        reraise=True,
+    )
+    try:
+        for attempt in retrying:
+            with attempt:
+                # TCP keepalives let both ends notice a dead peer within ~30 s even
+                # when the network, not a process, dies.
+                return psycopg.connect(
+                    url,
+                    autocommit=True,
+                    application_name=application_name[:63],
+                    connect_timeout=CONNECT_TIMEOUT_SECONDS,
+                    keepalives=1,
+                    keepalives_idle=15,
+                    keepalives_interval=5,
+                    keepalives_count=3,
+                )
+    except psycopg.OperationalError as exc:
+        raise DatabaseUnavailable(
+            f"cannot connect to the database after {attempts} attempts: {_reason(exc, secrets)}"
+        ) from None
+    except psycopg.ProgrammingError as exc:
+        raise ConfigError(f"DATABASE_URL is not usable: {_reason(exc, secrets)}") from None
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _reason(exc: BaseException, secrets: list[str]) -> str:
+    """The first meaningful line of a driver error, with secrets removed."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    text = re.sub(r"password=\S+", "password=***", text)
+    return scrub(text, secrets)[:400]
+
+
+@contextmanager
+def translate_errors(secrets: list[str]) -> Iterator[None]:
+    """Turn psycopg errors raised inside the block into availability-cron errors."""
+    try:
+        yield
+    except AvailabilityCronError:
+        raise
+    except psycopg.errors.UndefinedTable as exc:
+        raise SchemaMissing(
+            f"a table is missing ({_reason(exc, secrets)}): run `availability-cron db migrate`"
+        ) from None
+    except psycopg.errors.ReadOnlySqlTransaction:
+        raise NotPrimary() from None
+    except psycopg.OperationalError as exc:
+        raise ConnectionLost(
+            f"the database connection was lost mid-run: {_reason(exc, secrets)}"
+        ) from None
+    except psycopg.Error as exc:
+        raise DatabaseError(f"the database refused a statement: {_reason(exc, secrets)}") from None
+
+
+def ensure_primary(conn: Connection) -> None:
+    row = conn.execute(queries.IS_STANDBY).fetchone()
+    if row and row[0]:
+        raise NotPrimary()
+
+
+def latest_migration() -> int:
+    return max(m.version for m in available_migrations())
+
+
+def ensure_schema(conn: Connection, source_table: str, default_source: str) -> None:
+    """Raise SchemaMissing (or ConfigError for a custom source) unless the schema is usable."""
+    row = conn.execute(queries.SCHEMA_VERSION).fetchone()
+    version = row[0] if row else None
+    latest = latest_migration()
+    if version is None or version < latest:
+        found = "no schema" if version is None else f"schema version {version}"
+        raise SchemaMissing(
+            f"the database has {found}, this version needs {latest}: "
+            "run `availability-cron db migrate`"
+        )
+    quoted = sql.Identifier(*source_table.split(".")).as_string(conn)
+    row = conn.execute(queries.RELATION_EXISTS, {"name": quoted}).fetchone()
+    if not (row and row[0]):
+        if source_table == default_source:
+            raise SchemaMissing(
+                f"table {source_table} is missing: run `availability-cron db migrate`"
+            )
+        raise ConfigError(
+            f"AVAILABILITY_CRON_SOURCE_TABLE names {source_table!r}, "
+            "which does not exist in this database"
+        )
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    name: str
+    sql_text: str
+
+
+def available_migrations() -> list[Migration]:
+    """The numbered SQL files shipped in availability_cron/migrations, in order."""
+    found = []
+    for entry in resources.files("availability_cron.migrations").iterdir():
+        match = re.fullmatch(r"(\d{4})_(\w+)\.sql", entry.name)
+        if match:
+            found.append(Migration(int(match[1]), match[2], entry.read_text("utf-8")))
+    return sorted(found, key=lambda m: m.version)
+
+
+def migrate(conn: Connection) -> list[Migration]:
+    """Apply the migrations not applied yet, in one transaction, under an advisory lock.
+
+    Safe to run concurrently: a second `db migrate` waits for the first, then finds
+    nothing left to do. Returns the migrations this call applied.
+    """
+    ensure_primary(conn)
+    applied_now = []
+    with conn.transaction():
+        conn.execute(queries.MIGRATION_LOCK, {"key": MIGRATION_LOCK_KEY})
+        conn.execute(queries.CREATE_MIGRATIONS_TABLE)
+        done = {row[0] for row in conn.execute(queries.APPLIED_MIGRATIONS).fetchall()}
+        for migration in available_migrations():
+            if migration.version in done:
+                continue
+            log.info("applying migration %04d_%s", migration.version, migration.name)
+            # A migration file is trusted, shipped SQL (several statements, no parameters).
+            conn.execute(sql.SQL(migration.sql_text))
+            conn.execute(
+                queries.RECORD_MIGRATION, {"version": migration.version, "name": migration.name}
+            )
+            applied_now.append(migration)
+    return applied_now

@@ -1,0 +1,846 @@
+"""The refresh job: plan the due caches, sweep them through the providers, write each result.
+
+The run, step by step (``run_refresh``):
+
+1. Lock: a session advisory lock on a dedicated connection (:mod:`.lock`). Held by
+   another run: return a *skipped* summary naming the holder.
+2. Plan: due caches stalest first and missing caches oldest first, read without the
+   slot payloads, then :func:`plan` (pure) decides the queue.
+3. Sweep: :func:`sweep` runs the queue on a bounded thread pool under the deadline.
+4. Write: each batch of finished calls is written as it completes
+   (:func:`write_outcomes`); staleness always counts from the last *success*.
+5. Summary: a frozen :class:`RunSummary`; the CLI prints it and picks the exit code.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+from psycopg.rows import class_row
+from psycopg.types.json import Jsonb
+
+from . import db, lock, queries
+from .errors import ConfigError, ConnectionLost
+from .providers import (
+    FetchRequest,
+    PermanentProviderError,
+    ProviderRegistry,
+    RetryableProviderError,
+)
+from .settings import Settings, scrub
+
+log = logging.getLogger(__name__)
+
+#: How long past the budget we wait for calls that ignore their timeout before
+#: abandoning them (recorded as timeouts) and ending the run.
+GRACE_SECONDS = 2.0
+#: A stored error message is cut to this many characters.
+MAX_ERROR_CHARS = 500
+#: More slots than this from one workspace is garbage, not availability
+#: (30 days of 5-minute slots around the clock is 8,640).
+MAX_SLOTS = 20_000
+#: Successful caches go stale after TTL minus up to this share of it, at random, so
+#: caches refreshed together drift apart instead of all expiring in the same minute.
+TTL_JITTER = 0.1
+#: Backoff delays are multiplied by a factor from [1 - BACKOFF_JITTER, 1].
+BACKOFF_JITTER = 0.2
+#: How often the sweep checks that the lock connection (and so the lock) is still alive.
+LOCK_CHECK_SECONDS = 5.0
+ABANDONED_ERROR = (
+    "[retryable] timed out: the provider call was still running at the end of the time budget"
+)
+
+Reason = Literal["stale", "missing", "requested"]
+
+
+# --- rows -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DueCache:
+    """A cache row whose stale_at has passed (no slots loaded)."""
+
+    workspace_id: str
+    provider: str
+    provider_config: Any
+    stale_at: datetime
+    refreshed_at: datetime | None
+    consecutive_failures: int
+
+
+@dataclass(frozen=True)
+class MissingWorkspace:
+    """An enabled workspace with no cache row yet."""
+
+    workspace_id: str
+    provider: str
+    provider_config: Any
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class WorkspaceState:
+    """One workspace and its cache state, for ``refresh --workspace``."""
+
+    workspace_id: str
+    provider: str
+    provider_config: Any
+    enabled: bool
+    created_at: datetime
+    stale_at: datetime | None
+    refreshed_at: datetime | None
+    consecutive_failures: int
+    has_cache: bool
+
+
+@dataclass(frozen=True)
+class PlannedRefresh:
+    """One entry of the queue."""
+
+    workspace_id: str
+    provider: str
+    provider_config: Any
+    reason: Reason
+    #: stale_at for a stale cache, created_at for a missing one.
+    due_since: datetime
+    consecutive_failures: int = 0
+
+    def overdue_seconds(self, now: datetime) -> float:
+        return (now - self.due_since).total_seconds()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The queue, in the order work is started."""
+
+    queue: tuple[PlannedRefresh, ...]
+    missing_reserved: int
+
+    @property
+    def missing(self) -> int:
+        return sum(1 for item in self.queue if item.reason == "missing")
+
+    @property
+    def stale(self) -> int:
+        return sum(1 for item in self.queue if item.reason == "stale")
+
+
+# --- planning (pure) ------------------------------------------------------------------------
+
+
+def reserved_for_missing(limit: int, reserve: float) -> int:
+    """Slots of the limit kept for missing caches: ceil, so any reserve > 0 keeps at least one."""
+    if limit <= 0 or reserve <= 0:
+        return 0
+    return min(limit, math.ceil(limit * reserve - 1e-9))
+
+
+def plan(
+    due: Sequence[DueCache],
+    missing: Sequence[MissingWorkspace],
+    *,
+    limit: int,
+    reserve: float,
+    now: datetime,
+) -> Plan:
+    """Decide which refreshes this run attempts, and in which order.
+
+    - At most ``limit`` entries. ``reserved_for_missing(limit, reserve)`` of them go to
+      missing caches (oldest workspace first) when there are that many; capacity one
+      side leaves unused goes to the other, so nothing is wasted.
+    - Order: the reserved missing entries first, so that a deadline that cuts the run
+      short still starts them; then stale caches, stalest first (``stale_at``
+      ascending, ties by id); then any extra missing entries.
+    - Entries not yet due at ``now`` (a racing writer pushed them out) are dropped.
+    """
+    stale = sorted(
+        (d for d in due if d.stale_at <= now), key=lambda d: (d.stale_at, d.workspace_id)
+    )
+    new = sorted(missing, key=lambda m: (m.created_at, m.workspace_id))
+    limit = max(0, limit)
+
+    reserved = min(len(new), reserved_for_missing(limit, reserve))
+    stale_take = min(len(stale), limit - reserved)
+    extra_missing = min(len(new) - reserved, limit - reserved - stale_take)
+
+    def as_missing(m: MissingWorkspace) -> PlannedRefresh:
+        return PlannedRefresh(m.workspace_id, m.provider, m.provider_config, "missing",
+                              m.created_at, 0)
+
+    queue = [as_missing(m) for m in new[:reserved]]
+    queue += [
+        PlannedRefresh(d.workspace_id, d.provider, d.provider_config, "stale", d.stale_at,
+                       d.consecutive_failures)
+        for d in stale[:stale_take]
+    ]
+    queue += [as_missing(m) for m in new[reserved:reserved + extra_missing]]
+    return Plan(queue=tuple(queue), missing_reserved=reserved)
+
+
+def success_stale_at(refreshed_at: datetime, ttl: timedelta, rng: random.Random) -> datetime:
+    """When a fresh cache becomes due: TTL minus up to TTL_JITTER of it (never later than TTL)."""
+    return refreshed_at + ttl * (1.0 - TTL_JITTER * rng.random())
+
+
+def backoff_delay(
+    failures: int,
+    *,
+    base: timedelta,
+    cap: timedelta,
+    rng: random.Random,
+    retry_after: float | None = None,
+) -> timedelta:
+    """Delay before retrying after ``failures`` consecutive failures (1 = the first).
+
+    ``base * 2**(failures-1)``, capped at ``cap``, times a jitter factor in
+    [1 - BACKOFF_JITTER, 1]; never shorter than the provider's ``retry_after``
+    (itself capped at ``cap``, so a hostile header cannot park a workspace for ever).
+    """
+    exponent = min(max(failures, 1) - 1, 40)
+    delay: timedelta = min(cap, base * (2**exponent))
+    delay = delay * (1.0 - BACKOFF_JITTER * rng.random())
+    if retry_after is not None and retry_after > 0:
+        delay = max(delay, min(cap, timedelta(seconds=retry_after)))
+    return delay
+
+
+# --- provider calls -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one provider call produced; exactly one of ``slots`` and ``error`` is set."""
+
+    item: PlannedRefresh
+    started_at: datetime
+    finished_at: datetime
+    window_start: datetime
+    window_end: datetime
+    slots: tuple[str, ...] | None = None
+    error: str | None = None
+    retry_after: float | None = None
+    #: The call was still running at budget + grace and was given up on.
+    abandoned: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+_SECRET_KEY = re.compile(r"(token|secret|password|passwd|api[_-]?key|authorization|auth)", re.I)
+
+
+def config_secrets(config: Any, environ: Mapping[str, str]) -> list[str]:
+    """Values in a provider_config that must never be printed or stored.
+
+    Any string under a key that looks secret (token, secret, password, api_key, ...),
+    and the environment value of any ``*_env`` key (e.g. ``token_env``).
+    """
+    found: list[str] = []
+
+    def visit(value: Any, key: str = "") -> None:
+        if isinstance(value, Mapping):
+            for k, v in value.items():
+                visit(v, str(k))
+        elif isinstance(value, list):
+            for v in value:
+                visit(v, key)
+        elif isinstance(value, str):
+            if key.endswith("_env") and environ.get(value):
+                found.append(environ[value])
+            elif _SECRET_KEY.search(key):
+                found.append(value)
+
+    visit(config)
+    return [s for s in found if s]
+
+
+def normalize_slots(
+    raw: Iterable[datetime], window_start: datetime, window_end: datetime
+) -> tuple[str, ...]:
+    """Sorted, de-duplicated ISO-8601 UTC instants inside [start, end).
+
+    Instants outside the window are dropped (providers often pad to whole days);
+    anything that is not a timezone-aware datetime, or more than MAX_SLOTS of them,
+    is a PermanentProviderError: garbage must never reach the cache.
+    """
+    if isinstance(raw, str | bytes | Mapping) or not isinstance(raw, Iterable):
+        raise PermanentProviderError(
+            f"provider returned {type(raw).__name__}, expected a list of datetimes"
+        )
+    instants: set[datetime] = set()
+    for count, value in enumerate(raw, start=1):
+        if count > MAX_SLOTS:
+            raise PermanentProviderError(f"provider returned more than {MAX_SLOTS} slots")
+        if not isinstance(value, datetime):
+            raise PermanentProviderError(
+                f"provider returned a {type(value).__name__} where a datetime was expected"
+            )
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise PermanentProviderError("provider returned a naive datetime (no time zone)")
+        instant = value.astimezone(UTC)
+        if window_start <= instant < window_end:
+            instants.add(instant)
+    return tuple(i.isoformat().replace("+00:00", "Z") for i in sorted(instants))
+
+
+def short_error(kind: str, exc: BaseException, secrets: list[str]) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return scrub(f"[{kind}] {text}", secrets)[:MAX_ERROR_CHARS]
+
+
+@dataclass(frozen=True)
+class CallContext:
+    """What a worker needs to turn a PlannedRefresh into an Outcome."""
+
+    registry: ProviderRegistry
+    lookahead: timedelta
+    deadline: float
+    clock: Callable[[], datetime]
+    monotonic: Callable[[], float]
+    environ: Mapping[str, str]
+    secrets: list[str] = field(default_factory=list)
+
+
+def call_provider(item: PlannedRefresh, ctx: CallContext) -> Outcome:
+    """Run one provider call; never raises (every failure becomes an error Outcome)."""
+    started = ctx.clock()
+    window_start = started.astimezone(UTC).replace(second=0, microsecond=0)
+    window_end = window_start + ctx.lookahead
+    secrets = ctx.secrets + config_secrets(item.provider_config, ctx.environ)
+    slots: tuple[str, ...] | None = None
+    error: str | None = None
+    retry_after: float | None = None
+    try:
+        if not isinstance(item.provider_config, Mapping):
+            raise PermanentProviderError(
+                f"provider_config must be a JSON object, got {type(item.provider_config).__name__}"
+            )
+        provider = ctx.registry.get(item.provider)
+        provider.validate_config(item.provider_config)
+        request = FetchRequest(
+            workspace_id=item.workspace_id,
+            config=item.provider_config,
+            window_start=window_start,
+            window_end=window_end,
+            deadline=ctx.deadline,
+            monotonic=ctx.monotonic,
+        )
+        slots = normalize_slots(provider.fetch(request), window_start, window_end)
+    except RetryableProviderError as exc:
+        error, retry_after = short_error("retryable", exc, secrets), exc.retry_after
+    except PermanentProviderError as exc:
+        error = short_error("permanent", exc, secrets)
+    except Exception as exc:  # a buggy plugin is that workspace's problem, not the run's
+        log.debug("provider %s raised", item.provider, exc_info=True)
+        error = short_error(f"unexpected {type(exc).__name__}", exc, secrets)
+    return Outcome(item, started, ctx.clock(), window_start, window_end, slots, error, retry_after)
+
+
+# --- sweep ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    started: int
+    succeeded: int
+    failed: int
+    #: Planned but never started because the deadline margin was reached.
+    skipped_deadline: int
+    #: Started but still running at budget + grace; recorded as timeouts.
+    abandoned: int
+    #: Successes not written because a newer success was already stored.
+    superseded: int
+    missing_started: int
+    stale_started: int
+
+
+Writer = Callable[[Sequence[Outcome]], int]
+
+
+def sweep(
+    queue: Sequence[PlannedRefresh],
+    *,
+    call: Callable[[PlannedRefresh], Outcome],
+    write: Writer,
+    concurrency: int,
+    deadline: float,
+    margin: float,
+    grace: float = GRACE_SECONDS,
+    clock: Callable[[], datetime],
+    monotonic: Callable[[], float],
+) -> SweepResult:
+    """Run ``queue`` in order on ``concurrency`` threads and ``write`` results as they finish.
+
+    No call starts once less than ``margin`` seconds are left before ``deadline``
+    (monotonic). Calls still running at ``deadline + grace`` are abandoned: an error
+    Outcome is written for each and the function returns without waiting for their
+    threads (the caller must then end the process without joining them; see
+    ``cli.py``). ``write`` returns how many successes it actually stored.
+    """
+    pending: dict[Future[Outcome], PlannedRefresh] = {}
+    items: Iterator[PlannedRefresh] = iter(queue)
+    started = succeeded = failed = superseded = missing_started = stale_started = 0
+    abandoned = 0
+    exhausted = False
+    executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="refresh")
+    try:
+        while True:
+            while not exhausted and len(pending) < concurrency:
+                if deadline - monotonic() < margin:
+                    exhausted = True
+                    break
+                item = next(items, None)
+                if item is None:
+                    exhausted = True
+                    break
+                pending[executor.submit(call, item)] = item
+                started += 1
+                missing_started += item.reason == "missing"
+                stale_started += item.reason == "stale"
+            if not pending:
+                break
+            remaining = deadline + grace - monotonic()
+            if remaining <= 0:
+                now = clock()
+                given_up = [
+                    Outcome(item, now, now, now, now, error=ABANDONED_ERROR, abandoned=True)
+                    for item in pending.values()
+                ]
+                abandoned = len(given_up)
+                failed += abandoned
+                write(given_up)
+                break
+            done, _ = wait(pending, timeout=remaining, return_when=FIRST_COMPLETED)
+            outcomes = [future.result() for future in done]
+            for future in done:
+                del pending[future]
+            if outcomes:
+                stored = write(outcomes)
+                ok = sum(1 for o in outcomes if o.ok)
+                succeeded += ok
+                failed += len(outcomes) - ok
+                superseded += ok - stored
+    finally:
+        executor.shutdown(wait=False, cancel_futures=True)
+    return SweepResult(
+        started=started,
+        succeeded=succeeded,
+        failed=failed,
+        skipped_deadline=len(queue) - started,
+        abandoned=abandoned,
+        superseded=superseded,
+        missing_started=missing_started,
+        stale_started=stale_started,
+    )
+
+
+# --- database side --------------------------------------------------------------------------
+
+
+def fetch_due(conn: db.Connection, source: str, now: datetime, limit: int) -> list[DueCache]:
+    with conn.cursor(row_factory=class_row(DueCache)) as cur:
+        cur.execute(queries.with_source(queries.DUE_CACHES, source), {"now": now, "limit": limit})
+        return cur.fetchall()
+
+
+def fetch_missing(conn: db.Connection, source: str, limit: int) -> list[MissingWorkspace]:
+    with conn.cursor(row_factory=class_row(MissingWorkspace)) as cur:
+        cur.execute(queries.with_source(queries.MISSING_CACHES, source), {"limit": limit})
+        return cur.fetchall()
+
+
+def fetch_workspace(conn: db.Connection, source: str, workspace_id: str) -> WorkspaceState | None:
+    with conn.cursor(row_factory=class_row(WorkspaceState)) as cur:
+        cur.execute(
+            queries.with_source(queries.ONE_WORKSPACE, source), {"workspace_id": workspace_id}
+        )
+        return cur.fetchone()
+
+
+@dataclass(frozen=True)
+class WritePolicy:
+    ttl: timedelta
+    max_backoff: timedelta
+    rng: random.Random
+
+
+def write_outcomes(conn: db.Connection, outcomes: Sequence[Outcome], policy: WritePolicy) -> int:
+    """Store a batch of outcomes in one transaction; return how many successes were stored.
+
+    Success: slots, window, fetched_at = refreshed_at = the call's finish time,
+    stale_at = that + TTL (jittered), error cleared. Failure: only the attempt, the
+    error and a backed-off stale_at; slots, range and refreshed_at are left alone.
+    """
+    successes = [
+        {
+            "workspace_id": o.item.workspace_id,
+            "slots": Jsonb(list(o.slots or ())),
+            "slot_count": len(o.slots or ()),
+            "range_start": o.window_start,
+            "range_end": o.window_end,
+            "fetched_at": o.finished_at,
+            "refreshed_at": o.finished_at,
+            "stale_at": success_stale_at(o.finished_at, policy.ttl, policy.rng),
+        }
+        for o in outcomes
+        if o.ok
+    ]
+    failures = [
+        {
+            "workspace_id": o.item.workspace_id,
+            "fetched_at": o.finished_at,
+            "attempt_started_at": o.started_at,
+            "error": o.error,
+            "stale_at": o.finished_at
+            + backoff_delay(
+                o.item.consecutive_failures + 1,
+                base=policy.ttl,
+                cap=policy.max_backoff,
+                rng=policy.rng,
+                retry_after=o.retry_after,
+            ),
+        }
+        for o in outcomes
+        if not o.ok
+    ]
+    stored = 0
+    with conn.transaction(), conn.cursor() as cur:
+        if successes:
+            cur.executemany(queries.WRITE_SUCCESS, successes)
+            stored = max(cur.rowcount, 0)
+        if failures:
+            cur.executemany(queries.WRITE_FAILURE, failures)
+    for o in outcomes:
+        if not o.ok:
+            log.warning("workspace %s: %s", o.item.workspace_id, o.error)
+    return stored
+
+
+# --- the run --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """The one JSON object a run prints (keys as the dashboards know them)."""
+
+    success: bool
+    skipped: bool
+    reason: str | None
+    run_id: str
+    started_at: datetime
+    duration_ms: int
+    time_budget_ms: int
+    concurrency: int
+    limit: int
+    planned: int = 0
+    attempted: int = 0
+    refreshed: int = 0
+    errors: int = 0
+    missing_attempted: int = 0
+    stale_attempted: int = 0
+    skipped_deadline: int = 0
+    unfinished: int = 0
+    superseded: int = 0
+    finished_within_budget: bool = False
+    workspace: str | None = None
+    holder: dict[str, object] | None = None
+    error: str | None = None
+
+    def as_json(self) -> dict[str, object]:
+        out: dict[str, object] = {
+            "success": self.success,
+            "skipped": self.skipped,
+            "reason": self.reason,
+            "runId": self.run_id,
+            "startedAt": self.started_at.isoformat().replace("+00:00", "Z"),
+            "durationMs": self.duration_ms,
+            "timeBudgetMs": self.time_budget_ms,
+            "concurrency": self.concurrency,
+            "limit": self.limit,
+            "planned": self.planned,
+            "attempted": self.attempted,
+            "refreshed": self.refreshed,
+            "errors": self.errors,
+            "missingAttempted": self.missing_attempted,
+            "staleAttempted": self.stale_attempted,
+            "skippedDeadline": self.skipped_deadline,
+            "unfinished": self.unfinished,
+            "superseded": self.superseded,
+            "finishedWithinBudget": self.finished_within_budget,
+        }
+        if self.workspace is not None:
+            out["workspace"] = self.workspace
+        if self.holder is not None:
+            out["holder"] = self.holder
+        if self.error is not None:
+            out["error"] = self.error
+        return out
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """The run's collaborators: clocks, randomness, connections and providers."""
+
+    run_id: str
+    #: time.monotonic() at process start; the deadline counts from here.
+    started_monotonic: float
+    clock: Callable[[], datetime]
+    monotonic: Callable[[], float]
+    rng: random.Random
+    #: purpose ("lock", "work") -> a new autocommit connection
+    connect: Callable[[str], db.Connection]
+    registry: ProviderRegistry
+    environ: Mapping[str, str]
+
+    def started_at(self) -> datetime:
+        return self.clock() - timedelta(seconds=self.monotonic() - self.started_monotonic)
+
+    def elapsed_ms(self) -> int:
+        return int((self.monotonic() - self.started_monotonic) * 1000)
+
+
+def _summary(settings: Settings, rt: Runtime, **fields: Any) -> RunSummary:
+    return RunSummary(
+        run_id=rt.run_id,
+        started_at=rt.started_at(),
+        duration_ms=rt.elapsed_ms(),
+        time_budget_ms=settings.time_budget_ms,
+        concurrency=settings.concurrency,
+        limit=settings.limit,
+        **fields,
+    )
+
+
+def _sweep_summary(
+    settings: Settings, rt: Runtime, planned: int, result: SweepResult, **fields: Any
+) -> RunSummary:
+    duration_ms = rt.elapsed_ms()
+    return _summary(
+        settings,
+        rt,
+        planned=planned,
+        attempted=result.started,
+        refreshed=result.succeeded,
+        errors=result.failed,
+        missing_attempted=result.missing_started,
+        stale_attempted=result.stale_started,
+        skipped_deadline=result.skipped_deadline,
+        unfinished=result.abandoned,
+        superseded=result.superseded,
+        finished_within_budget=(
+            result.skipped_deadline == 0
+            and result.abandoned == 0
+            and duration_ms <= settings.time_budget_ms
+        ),
+        **fields,
+    )
+
+
+def _run_sweep(
+    settings: Settings,
+    rt: Runtime,
+    work: db.Connection,
+    queue: Sequence[PlannedRefresh],
+    *,
+    alive: Callable[[], bool] | None = None,
+) -> SweepResult:
+    deadline = rt.started_monotonic + settings.time_budget_ms / 1000
+    ctx = CallContext(
+        registry=rt.registry,
+        lookahead=timedelta(days=settings.lookahead_days),
+        deadline=deadline,
+        clock=rt.clock,
+        monotonic=rt.monotonic,
+        environ=rt.environ,
+        secrets=settings.secrets(),
+    )
+    policy = WritePolicy(
+        ttl=timedelta(milliseconds=settings.cache_ttl_ms),
+        max_backoff=timedelta(milliseconds=settings.max_backoff_ms),
+        rng=rt.rng,
+    )
+    last_check = rt.monotonic()
+
+    def write(outcomes: Sequence[Outcome]) -> int:
+        nonlocal last_check
+        if alive is not None and rt.monotonic() - last_check >= LOCK_CHECK_SECONDS:
+            last_check = rt.monotonic()
+            if not alive():
+                raise ConnectionLost(
+                    "the lock connection was lost mid-run; stopping so that runs cannot overlap"
+                )
+        return write_outcomes(work, outcomes, policy)
+
+    try:
+        return sweep(
+            queue,
+            call=lambda item: call_provider(item, ctx),
+            write=write,
+            concurrency=settings.concurrency,
+            deadline=deadline,
+            margin=settings.deadline_margin_ms / 1000,
+            clock=rt.clock,
+            monotonic=rt.monotonic,
+        )
+    finally:
+        rt.registry.close()
+
+
+def run_refresh(settings: Settings, rt: Runtime, *, default_source: str) -> RunSummary:
+    """The cron run: lock, plan, sweep, summary. Raises AvailabilityCronError on real failures."""
+    secrets = settings.secrets()
+    with db.translate_errors(secrets):
+        lock_conn = rt.connect("lock")
+        try:
+            db.ensure_primary(lock_conn)
+            db.ensure_schema(lock_conn, settings.source_table, default_source)
+            with lock.held(lock_conn, settings.lock_key) as acquired:
+                if not acquired:
+                    holder = lock.find_holder(lock_conn, settings.lock_key)
+                    log.info("another run holds the lock; skipping")
+                    return _summary(
+                        settings, rt, success=True, skipped=True, reason="locked",
+                        finished_within_budget=True,
+                        holder=holder.as_json() if holder else None,
+                    )
+                with rt.connect("work") as work:
+                    now = rt.clock()
+                    the_plan = plan(
+                        fetch_due(work, settings.source_table, now, settings.limit),
+                        fetch_missing(work, settings.source_table, settings.limit),
+                        limit=settings.limit,
+                        reserve=settings.missing_reserve,
+                        now=now,
+                    )
+                    log.info(
+                        "planned %d refreshes (%d missing, %d stale)",
+                        len(the_plan.queue), the_plan.missing, the_plan.stale,
+                    )
+                    result = _run_sweep(
+                        settings, rt, work, the_plan.queue,
+                        alive=lambda: lock.is_alive(lock_conn),
+                    )
+                    return _sweep_summary(
+                        settings, rt, len(the_plan.queue), result,
+                        success=True, skipped=False, reason=None,
+                    )
+        finally:
+            lock_conn.close()
+
+
+def refresh_workspace(
+    settings: Settings, rt: Runtime, workspace_id: str, *, default_source: str
+) -> RunSummary:
+    """Refresh one workspace now, whatever its staleness, through the same write path.
+
+    Takes no lock (an engineer must not wait for the cron run); the write path's
+    newer-success-wins rule keeps a concurrent cron run from being overwritten by
+    older data. ``success`` is False when that one refresh failed.
+    """
+    secrets = settings.secrets()
+    with db.translate_errors(secrets), rt.connect("work") as work:
+        db.ensure_primary(work)
+        db.ensure_schema(work, settings.source_table, default_source)
+        state = fetch_workspace(work, settings.source_table, workspace_id)
+        if state is None:
+            raise ConfigError(
+                f"--workspace: no workspace {workspace_id!r} in {settings.source_table}"
+            )
+        if not state.enabled:
+            raise ConfigError(f"--workspace: workspace {workspace_id!r} is disabled")
+        item = PlannedRefresh(
+            state.workspace_id, state.provider, state.provider_config, "requested",
+            state.stale_at or state.created_at, state.consecutive_failures,
+        )
+        result = _run_sweep(settings, rt, work, [item])
+        return _sweep_summary(
+            settings, rt, 1, result,
+            success=result.succeeded == 1, skipped=False, reason=None,
+            workspace=workspace_id,
+            error=None if result.succeeded == 1 else "the refresh of this workspace failed",
+        )
+
+
+@dataclass(frozen=True)
+class DryRun:
+    """What a run would do now: the queue in order, and whether the lock is held."""
+
+    at: datetime
+    plan: Plan
+    lock_held: bool
+    holder: dict[str, object] | None
+    limit: int
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "dryRun": True,
+            "at": self.at.isoformat().replace("+00:00", "Z"),
+            "limit": self.limit,
+            "planned": len(self.plan.queue),
+            "missingPlanned": self.plan.missing,
+            "stalePlanned": self.plan.stale,
+            "missingReserved": self.plan.missing_reserved,
+            "lockHeld": self.lock_held,
+            "holder": self.holder,
+            "queue": [
+                {
+                    "position": i,
+                    "workspaceId": item.workspace_id,
+                    "provider": item.provider,
+                    "reason": item.reason,
+                    "overdueSeconds": round(item.overdue_seconds(self.at), 1),
+                    "consecutiveFailures": item.consecutive_failures,
+                }
+                for i, item in enumerate(self.plan.queue, start=1)
+            ],
+        }
+
+
+def dry_run(settings: Settings, rt: Runtime, *, default_source: str) -> DryRun:
+    """Plan without taking the lock, calling a provider or writing anything."""
+    with db.translate_errors(settings.secrets()), rt.connect("dry-run") as conn:
+        db.ensure_schema(conn, settings.source_table, default_source)
+        now = rt.clock()
+        the_plan = plan(
+            fetch_due(conn, settings.source_table, now, settings.limit),
+            fetch_missing(conn, settings.source_table, settings.limit),
+            limit=settings.limit,
+            reserve=settings.missing_reserve,
+            now=now,
+        )
+        holder = lock.find_holder(conn, settings.lock_key)
+        return DryRun(
+            at=now,
+            plan=the_plan,
+            lock_held=holder is not None,
+            holder=holder.as_json() if holder else None,
+            limit=settings.limit,
+        )
+
+
+__all__ = [
+    "DryRun",
+    "DueCache",
+    "MissingWorkspace",
+    "Outcome",
+    "Plan",
+    "PlannedRefresh",
+    "RunSummary",
+    "Runtime",
+    "SweepResult",
+    "backoff_delay",
+    "dry_run",
+    "plan",
+    "refresh_workspace",
+    "run_refresh",
+    "sweep",
+]

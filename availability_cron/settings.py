@@ -1,0 +1,270 @@
+"""Settings: one frozen dataclass, built and validated once, before anything touches the database.
+
+Precedence, highest first: command-line flag > process environment > the .env file
+(``--env-file PATH``, else ``./.env`` when it exists) > built-in default.
+An empty value (``NAME=``) counts as unset, so a blank line in an env file falls
+through to the default instead of failing.
+
+This module is pure: it never imports psycopg and never reads ``os.environ``
+itself; the CLI passes the environment in.
+"""
+
+from __future__ import annotations
+
+import re
+import urllib.parse
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+#: Where a setting's value came from, as shown by `availability-cron config`.
+SOURCES = ("flag", "environment", ".env", "default")
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
+
+
+def _int_in(lo: int, hi: int) -> Callable[[str, str], int]:
+    def parse(name: str, raw: str) -> int:
+        try:
+            value = int(raw.strip().replace("_", ""))
+        except ValueError:
+            value = None
+        if value is None or not lo <= value <= hi:
+            raise ConfigError(f"{name} must be an integer from {lo} to {hi}, got {raw!r}")
+        return value
+
+    return parse
+
+
+def _fraction(name: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:  # also rejects nan
+        raise ConfigError(f"{name} must be a number from 0 to 1, got {raw!r}")
+    return value
+
+
+def _database_url(name: str, raw: str) -> str:
+    value = raw.strip()
+    if value.startswith(("postgresql://", "postgres://")) or "=" in value:
+        return value
+    raise ConfigError(
+        f"{name} must be a PostgreSQL URL (postgresql://user@host:5432/dbname) "
+        f"or a libpq key=value string, got {redact_url(value)!r}"
+    )
+
+
+def _relation(name: str, raw: str) -> str:
+    parts = raw.strip().split(".")
+    if len(parts) > 2 or not all(_IDENT.match(p) for p in parts):
+        raise ConfigError(
+            f"{name} must be a table or view name, optionally schema-qualified "
+            f"(letters, digits, _ and $, e.g. app.availability_workspaces), got {raw!r}"
+        )
+    return raw.strip()
+
+
+def _lock_name(name: str, raw: str) -> str:
+    value = raw.strip()
+    if not 1 <= len(value) <= 200:
+        raise ConfigError(f"{name} must be a non-empty name of at most 200 characters")
+    return value
+
+
+def _log_level(name: str, raw: str) -> str:
+    value = raw.strip().upper()
+    if value not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise ConfigError(f"{name} must be one of DEBUG, INFO, WARNING, ERROR, got {raw!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Spec:
+    """How one setting is named, defaulted, parsed and explained."""
+
+    field: str
+    env: str
+    flag: str | None
+    default: str | None
+    parse: Callable[[str, str], Any]
+    help: str
+
+
+SPECS: tuple[Spec, ...] = (
+    Spec("database_url", "DATABASE_URL", "--database-url", None, _database_url,
+         "PostgreSQL URL of the database holding the caches (required)."),
+    Spec("time_budget_ms", "AVAILABILITY_CRON_TIME_BUDGET_MS", "--time-budget-ms", "45000",
+         _int_in(1000, 3_600_000),
+         "Wall-clock budget of one run, from process start, in ms."),
+    Spec("deadline_margin_ms", "AVAILABILITY_CRON_DEADLINE_MARGIN_MS", "--deadline-margin-ms",
+         "7500", _int_in(0, 3_600_000),
+         "No new refresh starts when less than this is left of the budget, in ms."),
+    Spec("concurrency", "AVAILABILITY_CRON_CONCURRENCY", "--concurrency", "5", _int_in(1, 256),
+         "Provider calls in flight at once (worker threads)."),
+    Spec("cache_ttl_ms", "AVAILABILITY_CACHE_TTL_MS", "--cache-ttl-ms", "60000",
+         _int_in(1000, 86_400_000),
+         "How long a successful refresh stays fresh, in ms."),
+    Spec("limit", "AVAILABILITY_CRON_LIMIT", "--limit", "500", _int_in(0, 1_000_000),
+         "Most refreshes one run attempts (0: attempt none)."),
+    Spec("lookahead_days", "AVAILABILITY_LOOKAHEAD_DAYS", "--lookahead-days", "30",
+         _int_in(1, 366),
+         "Days of availability fetched from now."),
+    Spec("missing_reserve", "AVAILABILITY_CRON_MISSING_RESERVE", "--missing-reserve", "0.2",
+         _fraction,
+         "Share of the limit kept for workspaces with no cache yet (0 to 1)."),
+    Spec("max_backoff_ms", "AVAILABILITY_CRON_MAX_BACKOFF_MS", "--max-backoff-ms", "1800000",
+         _int_in(1000, 7 * 86_400_000),
+         "Cap of the retry delay after consecutive failures, in ms."),
+    Spec("lock_name", "AVAILABILITY_CRON_LOCK_NAME", "--lock-name", "refresh", _lock_name,
+         "Name hashed into the 64-bit advisory lock key; runs sharing it never overlap."),
+    Spec("source_table", "AVAILABILITY_CRON_SOURCE_TABLE", "--source-table",
+         "availability_workspaces", _relation,
+         "Table or view listing the workspaces (may be schema-qualified)."),
+    Spec("log_level", "AVAILABILITY_CRON_LOG_LEVEL", "--log-level", "INFO", _log_level,
+         "Log level of the stderr log: DEBUG, INFO, WARNING or ERROR."),
+)
+
+SPEC_BY_FIELD = {s.field: s for s in SPECS}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated settings. Build with :func:`load_settings`."""
+
+    database_url: str | None
+    time_budget_ms: int
+    deadline_margin_ms: int
+    concurrency: int
+    cache_ttl_ms: int
+    limit: int
+    lookahead_days: int
+    missing_reserve: float
+    max_backoff_ms: int
+    lock_name: str
+    source_table: str
+    log_level: str
+    #: field name -> one of SOURCES
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False)
+
+    @property
+    def lock_key(self) -> int:
+        from .lock import lock_key
+
+        return lock_key(self.lock_name)
+
+    def require_database_url(self) -> str:
+        if not self.database_url:
+            raise ConfigError(
+                "DATABASE_URL is not set: pass --database-url, export it, or put it in .env"
+            )
+        return self.database_url
+
+    def secrets(self) -> list[str]:
+        """Strings that must never be printed (passwords inside the URLs)."""
+        return [p for p in [_password(self.database_url)] if p]
+
+
+def read_env_file(path: Path | None, cwd: Path) -> dict[str, str]:
+    """Read ``path`` (must exist) or ``cwd/.env`` (optional) without touching os.environ."""
+    from dotenv import dotenv_values
+
+    if path is None:
+        candidate = cwd / ".env"
+        if not candidate.is_file():
+            return {}
+        path = candidate
+    elif not path.is_file():
+        raise ConfigError(f"--env-file {str(path)!r} does not exist or is not a file")
+    return {k: v for k, v in dotenv_values(path).items() if v is not None}
+
+
+def load_settings(
+    flags: Mapping[str, object | None],
+    environ: Mapping[str, str],
+    dotenv: Mapping[str, str],
+) -> Settings:
+    """Resolve every setting by precedence and validate it.
+
+    ``flags`` maps field names to the value given on the command line (None: not
+    given). Raises :class:`ConfigError` naming the variable (and the flag, when the
+    bad value came from one) for the first invalid value.
+    """
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for spec in SPECS:
+        flag_value = flags.get(spec.field)
+        candidates = (
+            ("flag", None if flag_value is None else str(flag_value)),
+            ("environment", environ.get(spec.env)),
+            (".env", dotenv.get(spec.env)),
+            ("default", spec.default),
+        )
+        for source, raw in candidates:
+            if raw is None or (source != "flag" and raw.strip() == ""):
+                continue
+            name = f"{spec.flag} ({spec.env})" if source == "flag" and spec.flag else spec.env
+            if source == "flag" and raw.strip() == "":
+                raise ConfigError(f"{name} must not be empty")
+            values[spec.field] = spec.parse(name, raw)
+            sources[spec.field] = source
+            break
+        else:
+            values[spec.field] = None
+            sources[spec.field] = "default"
+
+    if values["deadline_margin_ms"] >= values["time_budget_ms"]:
+        raise ConfigError(
+            "AVAILABILITY_CRON_DEADLINE_MARGIN_MS must be less than "
+            f"AVAILABILITY_CRON_TIME_BUDGET_MS, got {values['deadline_margin_ms']} >= "
+            f"{values['time_budget_ms']}"
+        )
+    if values["max_backoff_ms"] < values["cache_ttl_ms"]:
+        raise ConfigError(
+            "AVAILABILITY_CRON_MAX_BACKOFF_MS must be at least AVAILABILITY_CACHE_TTL_MS, "
+            f"got {values['max_backoff_ms']} < {values['cache_ttl_ms']}"
+        )
+    known = {f.name for f in fields(Settings)} - {"sources"}
+    assert set(values) == known, set(values) ^ known
+    return Settings(**values, sources=sources)
+
+
+def _password(url: str | None) -> str | None:
+    if not url:
+        return None
+    if "://" in url:
+        try:
+            return urllib.parse.urlsplit(url).password
+        except ValueError:
+            return None
+    match = re.search(r"(?:^|\s)password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", url)
+    return match.group(1).strip("'") if match else None
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password replaced by ``***`` (URL or key=value form)."""
+    if "://" in url:
+        try:
+            parts = urllib.parse.urlsplit(url)
+        except ValueError:
+            return "<unparseable URL>"
+        netloc = parts.netloc
+        if parts.password is not None:
+            userinfo, _, hostport = netloc.rpartition("@")
+            user = userinfo.split(":", 1)[0]
+            netloc = f"{user}:***@{hostport}"
+        query = re.sub(r"(?i)(password=)[^&]*", r"\1***", parts.query)
+        return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
+    return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", url)
+
+
+def scrub(text: str, secrets: list[str]) -> str:
+    """Replace every occurrence of each secret in ``text`` by ``***``."""
+    for secret in secrets:
+        if secret and len(secret) >= 3:
+            text = text.replace(secret, "***")
+    return text

@@ -1,0 +1,176 @@
+"""Test helpers: row factories, settings and runtime builders, and the installed command."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from availability_cron import db
+from availability_cron.providers import Provider, ProviderContext, ProviderRegistry
+from availability_cron.refresh import Runtime
+from availability_cron.settings import Settings, load_settings
+
+CLI = str(Path(sys.executable).parent / "availability-cron")
+
+
+# --- factories ------------------------------------------------------------------------------
+
+NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+
+
+def add_workspace(
+    conn: psycopg.Connection[Any],
+    workspace_id: str,
+    *,
+    provider: str = "simulated",
+    config: Mapping[str, Any] | None = None,
+    enabled: bool = True,
+    created_at: datetime | None = None,
+) -> None:
+    conn.execute(
+        "INSERT INTO availability_workspaces (workspace_id, provider, provider_config, enabled,"
+        " created_at) VALUES (%s, %s, %s, %s, coalesce(%s, now()))",
+        (workspace_id, provider, Jsonb(dict(config or {})), enabled, created_at),
+    )
+
+
+def add_cache(
+    conn: psycopg.Connection[Any],
+    workspace_id: str,
+    *,
+    stale_at: datetime,
+    refreshed_at: datetime | None = None,
+    fetched_at: datetime | None = None,
+    slots: list[str] | None = None,
+    consecutive_failures: int = 0,
+    last_error: str | None = None,
+) -> None:
+    fetched = fetched_at or refreshed_at or stale_at - timedelta(minutes=1)
+    conn.execute(
+        "INSERT INTO workspace_availability_cache (workspace_id, slots_utc, slot_count,"
+        " range_start, range_end, fetched_at, refreshed_at, stale_at, last_error, last_error_at,"
+        " consecutive_failures) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+        (
+            workspace_id,
+            None if slots is None else Jsonb(slots),
+            None if slots is None else len(slots),
+            refreshed_at,
+            None if refreshed_at is None else refreshed_at + timedelta(days=30),
+            fetched,
+            refreshed_at,
+            stale_at,
+            last_error,
+            fetched if last_error else None,
+            consecutive_failures,
+        ),
+    )
+
+
+def cache_row(conn: psycopg.Connection[Any], workspace_id: str) -> dict[str, Any] | None:
+    from psycopg.rows import dict_row
+
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute("SELECT * FROM workspace_availability_cache WHERE workspace_id = %s",
+                    (workspace_id,))
+        return cur.fetchone()
+
+
+# --- in-process runs ------------------------------------------------------------------------
+
+
+def make_settings(database_url: str | None = None, **overrides: object) -> Settings:
+    """Settings from defaults plus ``overrides`` (field name -> value), as if given as flags."""
+    flags: dict[str, object | None] = {"database_url": database_url, **overrides}
+    return load_settings(flags, environ={}, dotenv={})
+
+
+@dataclass
+class FakeClock:
+    """A wall clock that follows the real monotonic clock from a fixed start."""
+
+    start: datetime
+    offset: timedelta = timedelta(0)
+
+    def __post_init__(self) -> None:
+        self._t0 = time.monotonic()
+
+    def __call__(self) -> datetime:
+        return self.start + self.offset + timedelta(seconds=time.monotonic() - self._t0)
+
+
+def make_runtime(
+    database_url: str,
+    *,
+    clock: Callable[[], datetime] | None = None,
+    providers: Mapping[str, type[Provider]] | None = None,
+    environ: Mapping[str, str] | None = None,
+    run_id: str | None = None,
+    started_monotonic: float | None = None,
+) -> Runtime:
+    rid = run_id or uuid.uuid4().hex[:12]
+
+    def connect(purpose: str) -> db.Connection:
+        return db.connect(database_url, application_name=f"availability-cron {purpose} "
+                          f"run={rid} test", secrets=[])
+
+    env = dict(environ or {})
+    return Runtime(
+        run_id=rid,
+        started_monotonic=time.monotonic() if started_monotonic is None else started_monotonic,
+        clock=clock or (lambda: datetime.now(UTC)),
+        monotonic=time.monotonic,
+        rng=random.Random(1234),
+        connect=connect,
+        registry=ProviderRegistry(ProviderContext(environ=env), extra=providers),
+        environ=env,
+    )
+
+
+# --- the installed command ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def json(self) -> Any:
+        lines = [line for line in self.stdout.splitlines() if line.strip()]
+        assert len(lines) == 1, f"expected exactly one JSON line on stdout, got {self.stdout!r}"
+        return json.loads(lines[0])
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The process environment without any availability-cron setting, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("AVAILABILITY_") and k != "DATABASE_URL"}
+    env.update(extra)
+    return env
+
+
+def run_cli(
+    *args: str,
+    env: Mapping[str, str] | None = None,
+    cwd: str | Path | None = None,
+    timeout: float = 60,
+) -> CliResult:
+    """Run the installed `availability-cron` exactly as cron would: a new process."""
+    proc = subprocess.run(
+        [CLI, *args], env=dict(env if env is not None else clean_env()), cwd=cwd,
+        capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+    )
+    return CliResult(proc.returncode, proc.stdout, proc.stderr)
