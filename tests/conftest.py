@@ -86,3 +86,13 @@ def empty_database_url(server_url: str) -> Iterator[str]:
 def conn(database_url: str) -> Iterator[psycopg.Connection[Any]]:
     with psycopg.connect(database_url, autocommit=True) as connection:
         yield connection
+
+
+_DB_FIXTURES = {"server_url", "template_name", "database_url", "empty_database_url", "conn"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that uses a database fixture `db`, so CI can re-run just those."""
+    for item in items:
+        if _DB_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.db)
