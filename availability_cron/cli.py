@@ -214,6 +214,8 @@ def refresh(
     """
     started = _process_start_monotonic()
     run_id = uuid.uuid4().hex[:12]
+    if dry_run and workspace is not None:
+        _usage_error("--dry-run and --workspace cannot be combined")
     settings = _load(
         env_file, limit=limit, concurrency=concurrency, time_budget_ms=time_budget_ms,
         database_url=database_url, source_table=source_table, log_level=log_level,

@@ -163,7 +163,7 @@ def run_demo(*, workspaces: int, keep: bool, environ: Mapping[str, str]) -> None
 
             console.print("\n[bold]$ availability-cron refresh[/]  (run 1, in the background)")
             first = subprocess.Popen([*_command(), "refresh"], env=env, stdout=subprocess.PIPE,
-                                     text=True)
+                                     stderr=subprocess.PIPE, text=True)
             deadline = time.monotonic() + 10
             while find_holder(conn, DEFAULT_LOCK_KEY) is None and time.monotonic() < deadline:
                 if first.poll() is not None:
@@ -175,9 +175,13 @@ def run_demo(*, workspaces: int, keep: bool, environ: Mapping[str, str]) -> None
                                     text=True)
             console.print(JSON(second.stdout))
             console.print(f"run 2 exit code: {second.returncode}")
-            out, _ = first.communicate(timeout=60)
+            out, err = first.communicate(timeout=60)
             console.print("\n[bold]run 1 summary[/]")
             console.print(JSON(out))
+            warnings = [line for line in err.splitlines() if " WARNING " in line]
+            if warnings:
+                console.print(f"run 1 logged {len(warnings)} provider errors on stderr, e.g.:")
+                console.print(f"  {warnings[0]}", markup=False, highlight=False)
             console.print(f"run 1 exit code: {first.returncode}")
         console.print("\n[bold]$ availability-cron metrics --format table[/]")
         subprocess.run([*_command(), "metrics", "--format", "table"], env=env, check=False)

@@ -105,6 +105,8 @@ def held(conn: psycopg.Connection[Any], key: int) -> Iterator[bool]:
     ``conn`` must be in autocommit mode and used for nothing else while the lock is
     held, so that no transaction on it can fail and take the session down with it.
     """
+    if conn.info.server_version >= 140000:
+        conn.execute(queries.KEEP_IDLE_SESSION)
     acquired = try_acquire(conn, key)
     try:
         yield acquired

@@ -49,6 +49,10 @@ IS_STANDBY = sql.SQL("SELECT pg_is_in_recovery()")
 
 PING = sql.SQL("SELECT 1")
 
+# The lock connection idles for the whole run; a server-wide idle_session_timeout
+# (PostgreSQL 14+) must not end it, and with it the lock, mid-run.
+KEEP_IDLE_SESSION = sql.SQL("SET idle_session_timeout = 0")
+
 # --- lock -----------------------------------------------------------------------------------
 
 TRY_ADVISORY_LOCK = sql.SQL("SELECT pg_try_advisory_lock(%(key)s)")
