@@ -140,7 +140,8 @@ def reserved_for_missing(limit: int, reserve: float) -> int:
     """Slots of the limit kept for missing caches: ceil, so any reserve > 0 keeps at least one."""
     if limit <= 0 or reserve <= 0:
         return 0
-    return min(limit, math.ceil(limit * reserve - 1e-9))
+    # The small epsilon keeps 0.2 * 5 from rounding up to 2 through float error.
+    return min(limit, max(1, math.ceil(limit * reserve - 1e-9)))
 
 
 def plan(
@@ -204,12 +205,14 @@ def backoff_delay(
     [1 - BACKOFF_JITTER, 1]; never shorter than the provider's ``retry_after``
     (itself capped at ``cap``, so a hostile header cannot park a workspace for ever).
     """
-    exponent = min(max(failures, 1) - 1, 40)
-    delay: timedelta = min(cap, base * (2**exponent))
-    delay = delay * (1.0 - BACKOFF_JITTER * rng.random())
-    if retry_after is not None and retry_after > 0:
-        delay = max(delay, min(cap, timedelta(seconds=retry_after)))
-    return delay
+    # Compare in float seconds before building a timedelta: 2**n overflows it quickly.
+    cap_s = cap.total_seconds()
+    exponent = min(max(failures, 1) - 1, 64)
+    delay_s = min(cap_s, base.total_seconds() * 2.0**exponent)
+    delay_s *= 1.0 - BACKOFF_JITTER * rng.random()
+    if retry_after is not None and retry_after > 0:  # NaN compares False and is ignored
+        delay_s = max(delay_s, min(cap_s, retry_after))
+    return timedelta(seconds=delay_s)
 
 
 # --- provider calls -------------------------------------------------------------------------

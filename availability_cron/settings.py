@@ -53,9 +53,11 @@ def _database_url(name: str, raw: str) -> str:
     value = raw.strip()
     if value.startswith(("postgresql://", "postgres://")) or "=" in value:
         return value
+    # The rejected value is not echoed: without a scheme we cannot tell where a
+    # password would be, and a password must never reach a log.
     raise ConfigError(
         f"{name} must be a PostgreSQL URL (postgresql://user@host:5432/dbname) "
-        f"or a libpq key=value string, got {redact_url(value)!r}"
+        "or a libpq key=value string (value not shown: it may contain a password)"
     )
 
 
