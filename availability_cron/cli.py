@@ -51,13 +51,17 @@ class OutputFormat(StrEnum):
     table = "table"
 
 
-HELP = """Keep per-workspace calendar-availability caches in PostgreSQL fresh.
+EXIT_CODES_HELP = (
+    "Exit codes: 0 done (or skipped: another run holds the lock); 1 real failure "
+    "(database unreachable, schema missing, connection lost); 2 bad usage or configuration."
+)
+
+HELP = f"""Keep per-workspace calendar-availability caches in PostgreSQL fresh.
 
 Run `availability-cron refresh` from cron every minute; see `availability-cron refresh --help`.
 Settings come from flags, then the environment, then .env (or --env-file), then defaults.
 
-Exit codes: 0 ran or skipped (another run holds the lock); 1 real failure; 2 bad usage or
-configuration.
+{EXIT_CODES_HELP}
 """
 
 app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=False,
@@ -180,7 +184,19 @@ def _check_database_url(settings: Settings) -> None:
         _usage_error(scrub(exc.message, settings.secrets()))
 
 
-@app.command()
+REFRESH_HELP = f"""Refresh the due caches once: the job cron runs every minute.
+
+Takes the advisory lock (another run holding it: prints skipped:true, exits 0), plans due
+caches stalest first with a share reserved for workspaces that have no cache yet,
+refreshes them on a thread pool within the time budget, writes each result, and prints
+one JSON summary on stdout (logs go to stderr). Provider errors are counted and stored
+per workspace; they do not fail the run.
+
+{EXIT_CODES_HELP}
+"""
+
+
+@app.command(help=REFRESH_HELP)
 def refresh(
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Print the planned queue in order and whether a run holds the lock; "
@@ -195,29 +211,33 @@ def refresh(
         "--concurrency", help=_env_help("concurrency"), show_default=False)] = None,
     time_budget_ms: Annotated[int | None, typer.Option(
         "--time-budget-ms", help=_env_help("time_budget_ms"), show_default=False)] = None,
+    deadline_margin_ms: Annotated[int | None, typer.Option(
+        "--deadline-margin-ms", help=_env_help("deadline_margin_ms"), show_default=False)] = None,
+    cache_ttl_ms: Annotated[int | None, typer.Option(
+        "--cache-ttl-ms", help=_env_help("cache_ttl_ms"), show_default=False)] = None,
+    lookahead_days: Annotated[int | None, typer.Option(
+        "--lookahead-days", help=_env_help("lookahead_days"), show_default=False)] = None,
+    missing_reserve: Annotated[float | None, typer.Option(
+        "--missing-reserve", help=_env_help("missing_reserve"), show_default=False)] = None,
+    max_backoff_ms: Annotated[int | None, typer.Option(
+        "--max-backoff-ms", help=_env_help("max_backoff_ms"), show_default=False)] = None,
+    lock_name: Annotated[str | None, typer.Option(
+        "--lock-name", help=_env_help("lock_name"), show_default=False)] = None,
     output: Format = OutputFormat.json,
     env_file: EnvFile = None,
     database_url: DatabaseUrl = None,
     source_table: SourceTable = None,
     log_level: LogLevel = None,
 ) -> None:
-    """Refresh the due caches once: the job cron runs every minute.
-
-    Takes the advisory lock (another run holding it: prints skipped:true, exits 0),
-    plans due caches stalest first with a share reserved for workspaces that have no
-    cache yet, refreshes them on a thread pool within the time budget, writes each
-    result, and prints one JSON summary on stdout (logs go to stderr).
-
-    Exit codes: 0 ran or skipped on the lock (provider errors are counted, not fatal);
-    1 real failure (database down, schema missing, connection lost); 2 bad usage or
-    configuration.
-    """
     started = _process_start_monotonic()
     run_id = uuid.uuid4().hex[:12]
     if dry_run and workspace is not None:
         _usage_error("--dry-run and --workspace cannot be combined")
     settings = _load(
         env_file, limit=limit, concurrency=concurrency, time_budget_ms=time_budget_ms,
+        deadline_margin_ms=deadline_margin_ms, cache_ttl_ms=cache_ttl_ms,
+        lookahead_days=lookahead_days, missing_reserve=missing_reserve,
+        max_backoff_ms=max_backoff_ms, lock_name=lock_name,
         database_url=database_url, source_table=source_table, log_level=log_level,
     )
     _check_database_url(settings)
@@ -323,7 +343,17 @@ def _print_dry_run_table(data: dict[str, Any]) -> None:
     console.print(table)
 
 
-@app.command()
+METRICS_HELP = f"""Print the staleness report: ages measured from the last successful refresh.
+
+Keys: at, workspaces (enabled), caches, missingCaches, staleDue, erroringCaches,
+neverSucceeded, oldestSuccessAgeMinutes, oldestRangeStartAgeMinutes, successAgeP50Minutes,
+successAgeP95Minutes. Definitions: docs/architecture.md.
+
+{EXIT_CODES_HELP}
+"""
+
+
+@app.command(help=METRICS_HELP)
 def metrics(
     output: Format = OutputFormat.json,
     env_file: EnvFile = None,
@@ -331,12 +361,6 @@ def metrics(
     source_table: SourceTable = None,
     log_level: LogLevel = None,
 ) -> None:
-    """Print the staleness report: ages measured from the last successful refresh.
-
-    Keys: at, workspaces (enabled), caches, missingCaches, staleDue, erroringCaches,
-    neverSucceeded, oldestSuccessAgeMinutes, oldestRangeStartAgeMinutes,
-    successAgeP50Minutes, successAgeP95Minutes. Exit 1 if the database cannot be read.
-    """
     settings = _load(env_file, database_url=database_url, source_table=source_table,
                      log_level=log_level)
     _check_database_url(settings)
@@ -366,13 +390,20 @@ def metrics(
         _print_json(report.as_json())
 
 
-@db_app.command("migrate")
+MIGRATE_HELP = f"""Create or upgrade the schema. Idempotent; safe when two run at once.
+
+Prints {{"success": true, "applied": [...], "schemaVersion": N}}.
+
+{EXIT_CODES_HELP}
+"""
+
+
+@db_app.command("migrate", help=MIGRATE_HELP)
 def db_migrate(
     env_file: EnvFile = None,
     database_url: DatabaseUrl = None,
     log_level: LogLevel = None,
 ) -> None:
-    """Create or upgrade the schema. Idempotent; safe when two run at once."""
     settings = _load(env_file, database_url=database_url, log_level=log_level)
     _check_database_url(settings)
     _configure_logging(settings.log_level)

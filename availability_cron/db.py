@@ -36,7 +36,7 @@ from .errors import (
     SchemaMissing,
 )
 from .lock import lock_key
-from .settings import scrub
+from .settings import scrub, url_secrets
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +52,31 @@ MIGRATION_LOCK_KEY = lock_key("migrate")
 
 
 
-def check_url(url: str) -> None:
-    """Parse ``url`` locally (no network); a malformed one is a ConfigError."""
+_SSLMODES = {"disable", "allow", "prefer", "require", "verify-ca", "verify-full"}
+
+
+def check_url(url: str, name: str = "DATABASE_URL") -> None:
+    """Parse ``url`` locally (no network); a malformed one is a ConfigError.
+
+    libpq only checks values such as the port when it connects, and then fails in a
+    way that looks like "database down"; a typo must be exit 2, not a page.
+    """
+    secrets = url_secrets(url)
     try:
-        psycopg.conninfo.conninfo_to_dict(url)
+        params = psycopg.conninfo.conninfo_to_dict(url)
     except psycopg.ProgrammingError as exc:
         raise ConfigError(
-            f"DATABASE_URL is not a valid PostgreSQL connection string: {exc}"
+            f"{name} is not a valid PostgreSQL connection string: {_reason(exc, secrets)}"
         ) from None
+    for port in str(params.get("port") or "5432").split(","):
+        if not (port.strip().isdigit() and 1 <= int(port) <= 65535):
+            raise ConfigError(f"{name} has an invalid port {port!r}: expected 1 to 65535")
+    sslmode = params.get("sslmode")
+    if sslmode is not None and sslmode not in _SSLMODES:
+        raise ConfigError(
+            f"{name} has an invalid sslmode {sslmode!r}: expected one of "
+            f"{', '.join(sorted(_SSLMODES))}"
+        )
 
 
 def connect(

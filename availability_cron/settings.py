@@ -168,7 +168,7 @@ class Settings:
 
     def secrets(self) -> list[str]:
         """Strings that must never be printed (passwords inside the URLs)."""
-        return [p for p in [_password(self.database_url)] if p]
+        return url_secrets(self.database_url)
 
 
 def read_env_file(path: Path | None, cwd: Path) -> dict[str, str]:
@@ -235,14 +235,27 @@ def load_settings(
     return Settings(**values, sources=sources)
 
 
+def url_secrets(url: str | None) -> list[str]:
+    """The password inside ``url`` (any form), as a list for :func:`scrub`."""
+    return [p for p in [_password(url)] if p]
+
+
 def _password(url: str | None) -> str | None:
+    """The password inside a URL, a URL's query, or a key=value string, if any."""
     if not url:
         return None
     if "://" in url:
         try:
-            return urllib.parse.urlsplit(url).password
-        except ValueError:
-            return None
+            password = urllib.parse.urlsplit(url).password
+        except ValueError:  # malformed (e.g. an unclosed [): fall back to a pattern
+            password = None
+        if password is None:
+            match = re.search(r"://[^:/@]*:([^@]*)@", url)
+            password = urllib.parse.unquote(match.group(1)) if match else None
+        if password is None:
+            match = re.search(r"[?&]password=([^&]*)", url)
+            password = urllib.parse.unquote(match.group(1)) if match else None
+        return password or None
     match = re.search(r"(?:^|\s)password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", url)
     return match.group(1).strip("'") if match else None
 
@@ -253,7 +266,7 @@ def redact_url(url: str) -> str:
         try:
             parts = urllib.parse.urlsplit(url)
         except ValueError:
-            return "<unparseable URL>"
+            return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
         netloc = parts.netloc
         if parts.password is not None:
             userinfo, _, hostport = netloc.rpartition("@")
