@@ -14,6 +14,7 @@ The run, step by step (``run_refresh``):
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
@@ -292,7 +293,14 @@ def normalize_slots(
         instant = value.astimezone(UTC)
         if window_start <= instant < window_end:
             instants.add(instant)
-    return tuple(i.isoformat().replace("+00:00", "Z") for i in sorted(instants))
+    return tuple(_iso_utc(i) for i in sorted(instants))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _iso_utc(instant: datetime) -> str:
+    # Cached: formatting dominates the per-refresh CPU cost, and workspaces mostly share
+    # the same slot grid (on the hour, on the half hour), so hits are the norm.
+    return instant.isoformat().replace("+00:00", "Z")
 
 
 def short_error(kind: str, exc: BaseException, secrets: list[str]) -> str:
@@ -384,66 +392,133 @@ def sweep(
     """Run ``queue`` in order on ``concurrency`` threads and ``write`` results as they finish.
 
     No call starts once less than ``margin`` seconds are left before ``deadline``
-    (monotonic). Calls still running at ``deadline + grace`` are abandoned: an error
-    Outcome is written for each and the function returns without waiting for their
-    threads (the caller must then end the process without joining them; see
-    ``cli.py``). ``write`` returns how many successes it actually stored.
+    (monotonic). Finished calls are replaced by new ones *before* their results are
+    written, so workers never idle behind the database; results are written in
+    batches of up to FLUSH_ROWS, at most FLUSH_SECONDS after they arrive, and all of
+    them before this returns. Calls still running at ``deadline + grace`` are
+    abandoned: an error Outcome is written for each and the function returns without
+    waiting for their threads (the caller must then end the process without joining
+    them; see ``cli._exit``). ``write`` returns how many successes it actually stored.
     """
-    pending: dict[Future[Outcome], PlannedRefresh] = {}
-    items: Iterator[PlannedRefresh] = iter(queue)
-    started = succeeded = failed = superseded = missing_started = stale_started = 0
-    abandoned = 0
-    exhausted = False
-    executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="refresh")
-    try:
-        while True:
-            while not exhausted and len(pending) < concurrency:
-                if deadline - monotonic() < margin:
-                    exhausted = True
+    return _Sweep(queue, call, write, concurrency, deadline, margin, grace, clock,
+                  monotonic).run()
+
+
+#: A batch of results is written once it has this many rows...
+FLUSH_ROWS = 100
+#: ...or once its oldest result has waited this long, whichever comes first.
+FLUSH_SECONDS = 0.2
+
+
+class _Sweep:
+    """The state of one sweep; see :func:`sweep` for the contract."""
+
+    def __init__(
+        self,
+        queue: Sequence[PlannedRefresh],
+        call: Callable[[PlannedRefresh], Outcome],
+        write: Writer,
+        concurrency: int,
+        deadline: float,
+        margin: float,
+        grace: float,
+        clock: Callable[[], datetime],
+        monotonic: Callable[[], float],
+    ) -> None:
+        self.queue, self.call, self.write = queue, call, write
+        self.concurrency, self.deadline, self.margin, self.grace = (
+            concurrency, deadline, margin, grace)
+        self.clock, self.monotonic = clock, monotonic
+        self.items: Iterator[PlannedRefresh] = iter(queue)
+        self.exhausted = False
+        self.pending: dict[Future[Outcome], PlannedRefresh] = {}
+        # When each call was submitted: an abandoned call's failure must carry its real
+        # start, so that it cannot override a success stored by someone else meanwhile.
+        self.submitted_at: dict[Future[Outcome], datetime] = {}
+        self.unwritten: list[Outcome] = []
+        self.oldest_unwritten = 0.0
+        self.started = self.missing_started = self.stale_started = 0
+        self.succeeded = self.failed = self.superseded = self.abandoned = 0
+
+    def run(self) -> SweepResult:
+        executor = ThreadPoolExecutor(max_workers=self.concurrency,
+                                      thread_name_prefix="refresh")
+        try:
+            while True:
+                self._fill(executor)
+                if not self.pending:
                     break
-                item = next(items, None)
-                if item is None:
-                    exhausted = True
+                remaining = self.deadline + self.grace - self.monotonic()
+                if remaining <= 0:
+                    self._abandon_pending()
                     break
-                pending[executor.submit(call, item)] = item
-                started += 1
-                missing_started += item.reason == "missing"
-                stale_started += item.reason == "stale"
-            if not pending:
-                break
-            remaining = deadline + grace - monotonic()
-            if remaining <= 0:
-                now = clock()
-                given_up = [
-                    Outcome(item, now, now, now, now, error=ABANDONED_ERROR, abandoned=True)
-                    for item in pending.values()
-                ]
-                abandoned = len(given_up)
-                failed += abandoned
-                write(given_up)
-                break
-            done, _ = wait(pending, timeout=remaining, return_when=FIRST_COMPLETED)
-            outcomes = [future.result() for future in done]
-            for future in done:
-                del pending[future]
-            if outcomes:
-                stored = write(outcomes)
-                ok = sum(1 for o in outcomes if o.ok)
-                succeeded += ok
-                failed += len(outcomes) - ok
-                superseded += ok - stored
-    finally:
-        executor.shutdown(wait=False, cancel_futures=True)
-    return SweepResult(
-        started=started,
-        succeeded=succeeded,
-        failed=failed,
-        skipped_deadline=len(queue) - started,
-        abandoned=abandoned,
-        superseded=superseded,
-        missing_started=missing_started,
-        stale_started=stale_started,
-    )
+                if self.unwritten:
+                    flush_in = self.oldest_unwritten + FLUSH_SECONDS - self.monotonic()
+                    remaining = min(remaining, max(0.0, flush_in))
+                done, _ = wait(self.pending, timeout=remaining, return_when=FIRST_COMPLETED)
+                for future in done:
+                    del self.pending[future]
+                    del self.submitted_at[future]
+                    self._collect(future.result())
+                self._fill(executor)  # new work first: workers must not wait on the write
+                self._flush(force=not self.pending)
+            self._flush(force=True)
+        finally:
+            executor.shutdown(wait=False, cancel_futures=True)
+        return SweepResult(
+            started=self.started,
+            succeeded=self.succeeded,
+            failed=self.failed,
+            skipped_deadline=len(self.queue) - self.started,
+            abandoned=self.abandoned,
+            superseded=self.superseded,
+            missing_started=self.missing_started,
+            stale_started=self.stale_started,
+        )
+
+    def _fill(self, executor: ThreadPoolExecutor) -> None:
+        while not self.exhausted and len(self.pending) < self.concurrency:
+            if self.deadline - self.monotonic() < self.margin:
+                self.exhausted = True
+                return
+            item = next(self.items, None)
+            if item is None:
+                self.exhausted = True
+                return
+            submitted = self.clock()
+            future = executor.submit(self.call, item)
+            self.pending[future] = item
+            self.submitted_at[future] = submitted
+            self.started += 1
+            self.missing_started += item.reason == "missing"
+            self.stale_started += item.reason == "stale"
+
+    def _collect(self, outcome: Outcome) -> None:
+        if not self.unwritten:
+            self.oldest_unwritten = self.monotonic()
+        self.unwritten.append(outcome)
+
+    def _flush(self, *, force: bool) -> None:
+        if not self.unwritten:
+            return
+        due = self.monotonic() - self.oldest_unwritten >= FLUSH_SECONDS
+        if not (force or due or len(self.unwritten) >= FLUSH_ROWS):
+            return
+        batch, self.unwritten = self.unwritten, []
+        stored = self.write(batch)
+        ok = sum(1 for o in batch if o.ok)
+        self.succeeded += ok
+        self.failed += len(batch) - ok
+        self.superseded += ok - stored
+
+    def _abandon_pending(self) -> None:
+        now = self.clock()
+        for future, item in self.pending.items():
+            self._collect(Outcome(item, self.submitted_at[future], now, now, now,
+                                  error=ABANDONED_ERROR, abandoned=True))
+            self.abandoned += 1
+        self.pending.clear()
+        self.submitted_at.clear()
 
 
 # --- database side --------------------------------------------------------------------------
