@@ -76,17 +76,20 @@ def _env_help(field: str) -> str:
     return f"{spec.help}{default} [env: {spec.env}]"
 
 
+def _setting(field: str) -> Any:
+    """The typer.Option of a setting: its flag, help and env var come from settings.SPECS."""
+    spec = SPEC_BY_FIELD[field]
+    return typer.Option(spec.flag, help=_env_help(field), show_default=False)
+
+
 EnvFile = Annotated[
     Path | None,
     typer.Option("--env-file", help="Read settings from this file instead of ./.env.",
                  dir_okay=False),
 ]
-DatabaseUrl = Annotated[str | None, typer.Option("--database-url", help=_env_help("database_url"),
-                                                 show_default=False)]
-LogLevel = Annotated[str | None, typer.Option("--log-level", help=_env_help("log_level"),
-                                              show_default=False)]
-SourceTable = Annotated[str | None, typer.Option("--source-table", help=_env_help("source_table"),
-                                                 show_default=False)]
+DatabaseUrl = Annotated[str | None, _setting("database_url")]
+LogLevel = Annotated[str | None, _setting("log_level")]
+SourceTable = Annotated[str | None, _setting("source_table")]
 Format = Annotated[OutputFormat, typer.Option("--format", help="json (one object on stdout) or "
                                               "table (for people).")]
 
@@ -205,24 +208,15 @@ def refresh(
         "--workspace", metavar="ID", help="Refresh this one workspace now, whatever its "
         "staleness, through the same write path (no lock; exit 1 if it fails).",
         show_default=False)] = None,
-    limit: Annotated[int | None, typer.Option("--limit", help=_env_help("limit"),
-                                              show_default=False)] = None,
-    concurrency: Annotated[int | None, typer.Option(
-        "--concurrency", help=_env_help("concurrency"), show_default=False)] = None,
-    time_budget_ms: Annotated[int | None, typer.Option(
-        "--time-budget-ms", help=_env_help("time_budget_ms"), show_default=False)] = None,
-    deadline_margin_ms: Annotated[int | None, typer.Option(
-        "--deadline-margin-ms", help=_env_help("deadline_margin_ms"), show_default=False)] = None,
-    cache_ttl_ms: Annotated[int | None, typer.Option(
-        "--cache-ttl-ms", help=_env_help("cache_ttl_ms"), show_default=False)] = None,
-    lookahead_days: Annotated[int | None, typer.Option(
-        "--lookahead-days", help=_env_help("lookahead_days"), show_default=False)] = None,
-    missing_reserve: Annotated[float | None, typer.Option(
-        "--missing-reserve", help=_env_help("missing_reserve"), show_default=False)] = None,
-    max_backoff_ms: Annotated[int | None, typer.Option(
-        "--max-backoff-ms", help=_env_help("max_backoff_ms"), show_default=False)] = None,
-    lock_name: Annotated[str | None, typer.Option(
-        "--lock-name", help=_env_help("lock_name"), show_default=False)] = None,
+    limit: Annotated[int | None, _setting("limit")] = None,
+    concurrency: Annotated[int | None, _setting("concurrency")] = None,
+    time_budget_ms: Annotated[int | None, _setting("time_budget_ms")] = None,
+    deadline_margin_ms: Annotated[int | None, _setting("deadline_margin_ms")] = None,
+    cache_ttl_ms: Annotated[int | None, _setting("cache_ttl_ms")] = None,
+    lookahead_days: Annotated[int | None, _setting("lookahead_days")] = None,
+    missing_reserve: Annotated[float | None, _setting("missing_reserve")] = None,
+    max_backoff_ms: Annotated[int | None, _setting("max_backoff_ms")] = None,
+    lock_name: Annotated[str | None, _setting("lock_name")] = None,
     output: Format = OutputFormat.json,
     env_file: EnvFile = None,
     database_url: DatabaseUrl = None,
@@ -266,19 +260,13 @@ def refresh(
             code = ExitCode.FAILURE
     except ConfigError as exc:
         _usage_error(scrub(exc.message, settings.secrets()))
-    except AvailabilityCronError as exc:
-        message = scrub(exc.message, settings.secrets())
-        summary = RunSummary(
-            success=False, skipped=False, reason="error", run_id=run_id,
-            started_at=rt.started_at(), duration_ms=rt.elapsed_ms(),
-            time_budget_ms=settings.time_budget_ms, concurrency=settings.concurrency,
-            limit=settings.limit, error=message,
-        )
-        sys.stderr.write(f"availability-cron: failed: {message}\n")
-        code = ExitCode.FAILURE
-    except Exception as exc:  # the last line of defence: say what, never a secret
-        message = scrub(f"unexpected error: {type(exc).__name__}: {exc}", settings.secrets())
-        log.debug("unexpected error", exc_info=True)
+    except Exception as exc:  # a real failure: say what (never a secret), still print JSON
+        if isinstance(exc, AvailabilityCronError):
+            message = exc.message
+        else:
+            log.debug("unexpected error", exc_info=True)
+            message = f"unexpected error: {type(exc).__name__}: {exc}"
+        message = scrub(message, settings.secrets())
         summary = RunSummary(
             success=False, skipped=False, reason="error", run_id=run_id,
             started_at=rt.started_at(), duration_ms=rt.elapsed_ms(),

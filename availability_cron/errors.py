@@ -35,7 +35,7 @@ class SchemaMissing(AvailabilityCronError):
 
 
 class NotPrimary(AvailabilityCronError):
-    """The database is a hot standby (read-only replica): point DATABASE_URL at the primary."""
+    """The database is read-only (a hot standby?): point DATABASE_URL at the primary."""
 
 
 class ConnectionLost(AvailabilityCronError):

@@ -54,7 +54,7 @@ TTL_JITTER = 0.1
 #: Backoff delays are multiplied by a factor from [1 - BACKOFF_JITTER, 1].
 BACKOFF_JITTER = 0.2
 #: How often the sweep checks that the lock connection (and so the lock) is still alive.
-LOCK_CHECK_SECONDS = 5.0
+LOCK_CHECK_SECONDS = 1.0
 ABANDONED_ERROR = (
     "[retryable] timed out: the provider call was still running at the end of the time budget"
 )

@@ -1,0 +1,105 @@
+"""Losing the database mid-run: the run stops with exit 1 and says which connection died.
+
+The faults are real: the test ends the run's backends with pg_terminate_backend, as an
+operator, a failover or a pooler would.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from typing import Any
+
+import psycopg
+import pytest
+from helpers import CLI, add_workspace, clean_env
+
+from availability_cron import lock
+
+pytestmark = pytest.mark.e2e
+
+
+def _start_slow_run(database_url: str) -> subprocess.Popen[str]:
+    """A run that keeps refreshing for several seconds (40 workspaces x 250 ms, 1 worker)."""
+    env = clean_env(DATABASE_URL=database_url, AVAILABILITY_CRON_TIME_BUDGET_MS="20000",
+                    AVAILABILITY_CRON_DEADLINE_MARGIN_MS="1000",
+                    AVAILABILITY_CRON_CONCURRENCY="1")
+    return subprocess.Popen([CLI, "refresh"], env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _backend_pid(conn: psycopg.Connection[Any], purpose: str, deadline_s: float = 10) -> int:
+    """Wait for the run's connection whose application_name starts with that purpose."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        row = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE application_name LIKE %s",
+            (f"availability-cron {purpose} run=%",),
+        ).fetchone()
+        if row:
+            return int(row[0])
+        time.sleep(0.05)
+    raise AssertionError(f"the run never opened its {purpose} connection")
+
+
+@pytest.mark.parametrize(
+    ("purpose", "expected"),
+    [("work", "connection was lost mid-run"), ("lock", "lock connection was lost")],
+)
+def test_a_run_whose_connection_is_terminated_stops_with_exit_1_and_says_so(
+    database_url, conn, purpose, expected
+):
+    for i in range(40):
+        add_workspace(conn, f"ws-{i:02d}", config={"latency_ms": 250})
+    proc = _start_slow_run(database_url)
+    try:
+        pid = _backend_pid(conn, purpose)
+        # Let it refresh a few workspaces first, so the fault really is mid-run.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            row = conn.execute("SELECT count(*) FROM workspace_availability_cache").fetchone()
+            if row and row[0] >= 2:
+                break
+            time.sleep(0.05)
+        started = time.monotonic()
+        conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        stdout, stderr = proc.communicate(timeout=30)
+        stopped_after = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 1, stderr
+    lines = [line for line in stdout.splitlines() if line.strip()]
+    assert len(lines) == 1
+    import json
+
+    summary = json.loads(lines[0])
+    assert summary["success"] is False and summary["reason"] == "error"
+    assert expected in summary["error"]
+    assert expected in stderr
+    # It stopped promptly instead of refreshing the other ~35 workspaces (~9 s).
+    assert stopped_after < 5, stopped_after
+    # The lock is free for the next run either way.
+    assert lock.find_holder(conn, lock.lock_key("refresh")) is None
+
+
+def test_a_read_only_database_is_refused_with_exit_1_naming_the_primary(
+    database_url, conn, server_url
+):
+    # A hot standby cannot be made here cheaply; a database whose transactions are
+    # read-only by default fails the same way on the first write and must say so.
+    add_workspace(conn, "ws-1")
+    dbname = conn.info.dbname
+    with psycopg.connect(server_url, autocommit=True) as admin:
+        admin.execute(
+            psycopg.sql.SQL("ALTER DATABASE {} SET default_transaction_read_only = on").format(
+                psycopg.sql.Identifier(dbname)
+            )
+        )
+    proc = subprocess.run([CLI, "refresh"], env=clean_env(DATABASE_URL=database_url),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert "read-only" in proc.stderr and "primary" in proc.stderr
+    with psycopg.connect(database_url, autocommit=True) as check:
+        assert check.execute("SELECT count(*) FROM workspace_availability_cache").fetchone() == (0,)
