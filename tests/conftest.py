@@ -96,3 +96,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if _DB_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.db)
+
+
+from httpserver import http_server  # noqa: E402, F401  (the loopback HTTP server fixture)

@@ -98,3 +98,4 @@ class ProviderRegistry:
                 except Exception:  # closing must never fail the run
                     log.warning("provider %s failed to close", provider.name, exc_info=True)
             self._instances.clear()
+        self.context.http.close()

@@ -23,9 +23,12 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import AvailabilityCronError
+
+if TYPE_CHECKING:
+    from ._http import HttpSession
 
 
 class ProviderError(AvailabilityCronError):
@@ -35,14 +38,28 @@ class ProviderError(AvailabilityCronError):
 class RetryableProviderError(ProviderError):
     """The provider failed in a way that may succeed later (rate limit, 5xx, timeout)."""
 
-    def __init__(self, message: str | None = None, *, retry_after: float | None = None) -> None:
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        retry_after: float | None = None,
+        rate_limited: bool = False,
+    ) -> None:
         super().__init__(message)
         #: Seconds the provider asked us to wait before the next attempt, if it said.
         self.retry_after = retry_after
+        #: The provider refused for rate limiting: do not retry within this run.
+        self.rate_limited = rate_limited
 
 
 class PermanentProviderError(ProviderError):
     """The provider failed in a way that will not fix itself (config, auth, not found)."""
+
+
+def _new_http_session() -> HttpSession:
+    from ._http import HttpSession  # _http imports this module: import when first needed
+
+    return HttpSession()
 
 
 @dataclass(frozen=True)
@@ -53,9 +70,8 @@ class ProviderContext:
     environ: Mapping[str, str] = field(default_factory=dict)
     #: Monotonic clock, injectable for tests.
     monotonic: Callable[[], float] = time.monotonic
-    #: Shared HTTP client for the run (an ``httpx.Client``), created on first use.
-    http_client_factory: Callable[[], Any] | None = None
-    user_agent: str = "availability-cron"
+    #: The run's shared HTTP client and rate-limit gate (httpx loads on first use).
+    http: HttpSession = field(default_factory=lambda: _new_http_session())
 
 
 @dataclass(frozen=True)

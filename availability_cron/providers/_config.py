@@ -1,0 +1,117 @@
+"""Reading a workspace's provider_config: typed getters whose errors name the key.
+
+Every error is a PermanentProviderError ("calcom: provider_config.event_type_id must
+be ..."), raised before any call goes out. Secrets come from ``token`` or from the
+environment variable that ``token_env`` names; neither value is ever put in a message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+from .base import PermanentProviderError
+
+
+class ConfigReader:
+    """Typed, validating access to one workspace's provider_config."""
+
+    def __init__(self, provider: str, config: Mapping[str, Any],
+                 environ: Mapping[str, str] | None = None) -> None:
+        self.provider = provider
+        self.config = config
+        self.environ = environ or {}
+
+    def error(self, key: str, expected: str) -> PermanentProviderError:
+        return PermanentProviderError(f"{self.provider}: provider_config.{key} must be {expected}")
+
+    def only(self, allowed: Iterable[str]) -> None:
+        """Reject keys this provider does not know (typos must not pass silently)."""
+        allowed = set(allowed)
+        unknown = sorted(set(self.config) - allowed)
+        if unknown:
+            raise PermanentProviderError(
+                f"{self.provider}: unknown provider_config key {unknown[0]!r}; "
+                f"allowed: {', '.join(sorted(allowed))}"
+            )
+
+    def text(self, key: str, *, default: str | None = None, required: bool = False) -> str | None:
+        value = self.config.get(key)
+        if value is None:
+            if required:
+                raise self.error(key, "set (a non-empty string)")
+            return default
+        if not isinstance(value, str) or not value.strip():
+            raise self.error(key, "a non-empty string")
+        return value.strip()
+
+    def required_text(self, key: str) -> str:
+        value = self.text(key, required=True)
+        assert value is not None
+        return value
+
+    def integer(self, key: str, *, default: int, lo: int, hi: int) -> int:
+        value = self.config.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise self.error(key, f"an integer from {lo} to {hi}")
+        return value
+
+    def identifier(self, key: str, *, required: bool = False) -> str | None:
+        """An identifier given as a string or an integer (JSON numbers for ids are common)."""
+        value = self.config.get(key)
+        if value is None:
+            if required:
+                raise self.error(key, "set (a string or an integer)")
+            return None
+        if isinstance(value, bool) or not isinstance(value, str | int) or str(value).strip() == "":
+            raise self.error(key, "a string or an integer")
+        return str(value).strip()
+
+    def url(self, key: str, *, default: str | None = None, schemes: tuple[str, ...] = (
+            "https", "http")) -> str:
+        value = self.text(key, default=default, required=default is None)
+        assert value is not None
+        parts = urlsplit(value)
+        if parts.scheme not in schemes or not parts.netloc:
+            raise self.error(key, f"an absolute {' or '.join(schemes)} URL")
+        if parts.username or parts.password:
+            raise self.error(key, "a URL without credentials (use token or token_env)")
+        return value.rstrip("/")
+
+    def headers(self, key: str) -> dict[str, str]:
+        value = self.config.get(key, {})
+        if not isinstance(value, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
+            raise self.error(key, "an object of string header names to string values")
+        return dict(value)
+
+    def secret(self, *, required: bool, token_key: str = "token",
+               env_key: str = "token_env") -> str | None:
+        """The token from ``token`` or from the environment variable named by ``token_env``."""
+        direct = self.config.get(token_key)
+        env_name = self.config.get(env_key)
+        if direct is not None and env_name is not None:
+            raise PermanentProviderError(
+                f"{self.provider}: set provider_config.{token_key} or .{env_key}, not both"
+            )
+        if env_name is not None:
+            if not isinstance(env_name, str) or not env_name.strip():
+                raise self.error(env_key, "the name of an environment variable")
+            value = self.environ.get(env_name.strip())
+            if not value:
+                raise PermanentProviderError(
+                    f"{self.provider}: provider_config.{env_key} names {env_name.strip()}, "
+                    "which is not set in the job's environment"
+                )
+            return value
+        if direct is not None:
+            if not isinstance(direct, str) or not direct.strip():
+                raise self.error(token_key, "a non-empty string")
+            return direct.strip()
+        if required:
+            raise PermanentProviderError(
+                f"{self.provider}: provider_config needs {token_key} or {env_key}"
+            )
+        return None

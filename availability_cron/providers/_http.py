@@ -1,0 +1,307 @@
+"""HTTP for providers: one shared httpx client per run, deadline-bounded calls, error classes.
+
+What every HTTP provider gets from :meth:`HttpSession.get`:
+
+- connection reuse across workspaces (one ``httpx.Client`` per run, thread-safe);
+- a timeout that is never longer than what is left of the run, and a total-time check
+  while the body streams in (httpx's timeouts are per phase, so a server dripping one
+  byte a second would otherwise outlive the run);
+- a body size cap (:data:`MAX_BODY_BYTES`), so a hostile server cannot exhaust memory;
+- status codes mapped once: 429 and 5xx/408 and network errors are retryable, 401/403,
+  404 and other 4xx are permanent;
+- at most :data:`ATTEMPTS` tries for transient failures (tenacity), never sleeping past
+  the deadline; a 429 is not retried within the run: the workspace backs off instead;
+- a per-run rate-limit gate: once a provider says a credential is exhausted (429, or a
+  remaining count of 0), further calls with the same credential in this run fail fast
+  with the provider's retry-after instead of adding to the overload;
+- error messages with the status, the URL path (never the query) and a short excerpt of
+  the provider's error, and no token.
+
+httpx is imported on first use only: a run with no HTTP provider never loads it.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+import json
+import threading
+import time
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from .base import FetchRequest, PermanentProviderError, RetryableProviderError
+
+if TYPE_CHECKING:
+    import httpx
+
+#: Largest response body read, in bytes (a month of slots is a few hundred KiB at most).
+MAX_BODY_BYTES = 5 * 1024 * 1024
+#: Tries per request for transient failures (5xx, 408, timeouts, connection errors).
+ATTEMPTS = 3
+#: A retry is only made when at least this much time is left after the wait.
+MIN_SECONDS_FOR_RETRY = 1.0
+#: When a 429 names no delay, back off this long.
+DEFAULT_RATE_LIMIT_SECONDS = 60.0
+
+#: Reads a provider's own rate-limit headers: seconds until the limit resets, if exhausted.
+RateLimitReader = Callable[["httpx.Headers", float], float | None]
+
+
+def retry_after_seconds(value: str | None, now_epoch: float) -> float | None:
+    """Parse a Retry-After header: delta-seconds or an HTTP date. None if absent or invalid."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = when.timestamp() - now_epoch
+    if seconds != seconds or seconds < 0:  # NaN or in the past
+        return 0.0 if seconds == seconds else None
+    return seconds
+
+
+def credential_key(provider: str, url: str, secret: str | None) -> str:
+    """Identify one credential at one host, without keeping the secret itself."""
+    host = urlsplit(url).netloc
+    fingerprint = hashlib.sha256((secret or "").encode()).hexdigest()[:16]
+    return f"{provider}|{host}|{fingerprint}"
+
+
+class HttpSession:
+    """The run's shared HTTP client and rate-limit gate. Thread-safe; close once."""
+
+    def __init__(self, user_agent: str = "availability-cron",
+                 wall_clock: Callable[[], float] = time.time) -> None:
+        self.user_agent = user_agent
+        self.wall_clock = wall_clock
+        self._client: httpx.Client | None = None
+        self._lock = threading.Lock()
+        #: credential key -> wall-clock epoch until which it is rate limited
+        self._blocked_until: dict[str, float] = {}
+
+    def client(self) -> httpx.Client:
+        with self._lock:
+            if self._client is None:
+                import httpx
+
+                self._client = httpx.Client(
+                    headers={"User-Agent": self.user_agent, "Accept": "application/json"},
+                    follow_redirects=False,
+                    limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+                )
+            return self._client
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+
+    # --- rate-limit gate ---------------------------------------------------------------
+
+    def block(self, key: str, seconds: float) -> None:
+        until = self.wall_clock() + max(0.0, seconds)
+        with self._lock:
+            self._blocked_until[key] = max(until, self._blocked_until.get(key, 0.0))
+
+    def blocked_for(self, key: str) -> float | None:
+        with self._lock:
+            until = self._blocked_until.get(key)
+        if until is None:
+            return None
+        left = until - self.wall_clock()
+        return left if left > 0 else None
+
+    # --- requests ----------------------------------------------------------------------
+
+    def get(
+        self,
+        request: FetchRequest,
+        url: str,
+        *,
+        what: str,
+        params: Mapping[str, str] | None = None,
+        headers: Mapping[str, str] | None = None,
+        gate_key: str | None = None,
+        rate_limit: RateLimitReader | None = None,
+        follow_redirects: bool = False,
+        parse_json: bool = True,
+    ) -> Any:
+        """GET ``url`` and return its JSON (or text, with ``parse_json=False``).
+
+        ``what`` names the call in messages ("calcom: GET /v2/slots"). Raises
+        RetryableProviderError or PermanentProviderError; never anything else.
+        """
+        if gate_key is not None:
+            blocked = self.blocked_for(gate_key)
+            if blocked is not None:
+                raise RetryableProviderError(
+                    f"{what}: rate limited by the provider earlier in this run; "
+                    f"not calling again for {blocked:.0f}s",
+                    retry_after=blocked, rate_limited=True,
+                )
+        from tenacity import (
+            Retrying,
+            retry_if_exception,
+            stop_after_attempt,
+            wait_exponential,
+        )
+
+        def transient(exc: BaseException) -> bool:
+            if not isinstance(exc, RetryableProviderError) or exc.rate_limited:
+                return False
+            wait = exc.retry_after or 0.5
+            return request.time_left() - wait >= MIN_SECONDS_FOR_RETRY
+
+        def wait_for(state: Any) -> float:
+            exc = state.outcome.exception()
+            hinted = getattr(exc, "retry_after", None)
+            backoff: float = wait_exponential(multiplier=0.25, max=2)(state)
+            return min(max(hinted or 0.0, backoff), max(0.0, request.time_left() - 0.5))
+
+        retrying = Retrying(
+            stop=stop_after_attempt(ATTEMPTS),
+            wait=wait_for,
+            retry=retry_if_exception(transient),
+            reraise=True,
+            sleep=time.sleep,
+        )
+        for attempt in retrying:
+            with attempt:
+                return self._get_once(request, url, what=what, params=params, headers=headers,
+                                      gate_key=gate_key, rate_limit=rate_limit,
+                                      follow_redirects=follow_redirects, parse_json=parse_json)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _get_once(
+        self,
+        request: FetchRequest,
+        url: str,
+        *,
+        what: str,
+        params: Mapping[str, str] | None,
+        headers: Mapping[str, str] | None,
+        gate_key: str | None,
+        rate_limit: RateLimitReader | None,
+        follow_redirects: bool,
+        parse_json: bool,
+    ) -> Any:
+        import httpx
+
+        left = request.time_left()
+        if left <= 0.05:
+            raise RetryableProviderError(f"{what}: no time left in the run's budget")
+        try:
+            with self.client().stream(
+                "GET", url, params=params, headers=headers, timeout=httpx.Timeout(left),
+                follow_redirects=follow_redirects,
+            ) as response:
+                body = _read_capped(response, request, what)
+                status, response_headers = response.status_code, response.headers
+        except httpx.TimeoutException:
+            raise RetryableProviderError(f"{what}: timed out after {left:.1f}s") from None
+        except httpx.TooManyRedirects:
+            raise PermanentProviderError(f"{what}: too many redirects") from None
+        except httpx.TransportError as exc:
+            raise RetryableProviderError(
+                f"{what}: connection failed ({type(exc).__name__})"
+            ) from None
+        except httpx.InvalidURL:
+            raise PermanentProviderError(f"{what}: invalid URL") from None
+
+        now_epoch = self.wall_clock()
+        provider_reset = rate_limit(response_headers, now_epoch) if rate_limit else None
+        if 200 <= status < 300:
+            if provider_reset is not None and gate_key is not None:
+                self.block(gate_key, provider_reset)  # exhausted: spare the next calls
+            if not parse_json:
+                return body.decode("utf-8", errors="replace")
+            try:
+                return json.loads(body)
+            except (ValueError, UnicodeDecodeError):
+                raise PermanentProviderError(
+                    f"{what}: HTTP {status} but the body is not valid JSON"
+                ) from None
+
+        excerpt = _error_excerpt(body)
+        retry_after = retry_after_seconds(response_headers.get("Retry-After"), now_epoch)
+        if status == 429:
+            delay = retry_after if retry_after is not None else provider_reset
+            delay = DEFAULT_RATE_LIMIT_SECONDS if delay is None else delay
+            if gate_key is not None:
+                self.block(gate_key, delay)
+            raise RetryableProviderError(
+                f"{what}: HTTP 429 rate limited; retry after {delay:.0f}s{excerpt}",
+                retry_after=delay, rate_limited=True,
+            )
+        if status >= 500 or status == 408:
+            raise RetryableProviderError(f"{what}: HTTP {status}{excerpt}",
+                                         retry_after=retry_after)
+        if status in (401, 403):
+            raise PermanentProviderError(
+                f"{what}: HTTP {status}: authentication failed, check the token{excerpt}"
+            )
+        if status == 404:
+            raise PermanentProviderError(f"{what}: HTTP 404 not found, check the ids{excerpt}")
+        if 300 <= status < 400:
+            raise PermanentProviderError(f"{what}: HTTP {status} redirect not followed")
+        raise PermanentProviderError(f"{what}: HTTP {status}{excerpt}")
+
+
+def _read_capped(response: httpx.Response, request: FetchRequest, what: str) -> bytes:
+    declared = response.headers.get("Content-Length")
+    if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise PermanentProviderError(
+            f"{what}: response body of {int(declared)} bytes exceeds {MAX_BODY_BYTES}"
+        )
+    chunks: list[bytes] = []
+    size = 0
+    for chunk in response.iter_bytes():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise PermanentProviderError(
+                f"{what}: response body exceeds {MAX_BODY_BYTES} bytes"
+            )
+        chunks.append(chunk)
+        if request.time_left() <= 0:
+            raise RetryableProviderError(f"{what}: timed out while reading the response")
+    return b"".join(chunks)
+
+
+def _error_excerpt(body: bytes) -> str:
+    """A short, single-line hint from an error body: its JSON message field, if any."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return ""
+    message: Any = None
+    if isinstance(data, dict):
+        for key in ("message", "error_description", "title", "error", "msg"):
+            value = data.get(key)
+            if isinstance(value, dict):
+                value = value.get("message") or value.get("code")
+            if isinstance(value, str) and value.strip():
+                message = value
+                break
+    if not isinstance(message, str):
+        return ""
+    return ": " + " ".join(message.split())[:160]
+
+
+def path_of(url: str) -> str:
+    """The path of a URL, for messages: never the query string, which may hold a token."""
+    return urlsplit(url).path or "/"
+
+
+def epoch_ms(instant: datetime) -> str:
+    return str(int(instant.timestamp() * 1000))
