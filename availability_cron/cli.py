@@ -108,17 +108,42 @@ def _process_start_monotonic() -> float:
     return _IMPORTED_MONOTONIC
 
 
-def _settings(env_file: Path | None, **flags: object) -> Settings:
+def _environment(env_file: Path | None) -> tuple[dict[str, str], dict[str, str]]:
+    """(process environment, env file) and their merge as providers see it (environment wins).
+
+    Providers read tokens named by ``token_env`` from the merge, so a token kept in the
+    same env file as DATABASE_URL (as crontab.example suggests) is found too.
+    """
     dotenv = read_env_file(env_file, Path.cwd())
-    return load_settings(flags, os.environ, dotenv)
+    return dotenv, {**dotenv, **os.environ}
 
 
-def _configure_logging(level: str, run_id: str | None = None) -> None:
+class _Scrub(logging.Filter):
+    """Last line of defence: no secret reaches the log, whatever a library puts in a record."""
+
+    def __init__(self, secrets: list[str]) -> None:
+        super().__init__()
+        self.secrets = secrets
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.secrets:
+            record.msg = scrub(record.getMessage(), self.secrets)
+            record.args = None
+        return True
+
+
+def _configure_logging(level: str, run_id: str | None = None,
+                       secrets: list[str] | None = None) -> None:
+    """stderr log in UTC (the JSON is UTC too), one line per record, secrets scrubbed."""
     handler = logging.StreamHandler(sys.stderr)
     prefix = f"run={run_id} " if run_id else ""
-    handler.setFormatter(
-        logging.Formatter(f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s")
+    formatter = logging.Formatter(
+        f"%(asctime)s.%(msecs)03dZ %(levelname)s {prefix}%(name)s: %(message)s",
+        datefmt="%Y-%m-%dT%H:%M:%S",
     )
+    formatter.converter = time.gmtime
+    handler.setFormatter(formatter)
+    handler.addFilter(_Scrub(secrets or []))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -143,14 +168,21 @@ def _failure(message: str) -> NoReturn:
 
 
 def _load(env_file: Path | None, **flags: object) -> Settings:
+    return _load_with_environ(env_file, **flags)[0]
+
+
+def _load_with_environ(env_file: Path | None, **flags: object) -> tuple[Settings, dict[str, str]]:
+    """Settings by precedence, and the environment providers see; exit 2 on a bad value."""
     try:
-        settings = _settings(env_file, **flags)
+        dotenv, merged = _environment(env_file)
+        settings = load_settings(flags, os.environ, dotenv)
     except ConfigError as exc:
         _usage_error(exc.message)
-    return settings
+    return settings, merged
 
 
-def _runtime(settings: Settings, run_id: str, started: float) -> Runtime:
+def _runtime(settings: Settings, run_id: str, started: float,
+             environ: dict[str, str]) -> Runtime:
     import random
     from datetime import UTC, datetime
 
@@ -165,7 +197,6 @@ def _runtime(settings: Settings, run_id: str, started: float) -> Runtime:
         name = f"availability-cron {purpose} run={run_id} pid={os.getpid()} host={host}"
         return db.connect(url, application_name=name, secrets=settings.secrets())
 
-    environ = dict(os.environ)
     return Runtime(
         run_id=run_id,
         started_monotonic=started,
@@ -227,7 +258,7 @@ def refresh(
     run_id = uuid.uuid4().hex[:12]
     if dry_run and workspace is not None:
         _usage_error("--dry-run and --workspace cannot be combined")
-    settings = _load(
+    settings, environ = _load_with_environ(
         env_file, limit=limit, concurrency=concurrency, time_budget_ms=time_budget_ms,
         deadline_margin_ms=deadline_margin_ms, cache_ttl_ms=cache_ttl_ms,
         lookahead_days=lookahead_days, missing_reserve=missing_reserve,
@@ -235,14 +266,14 @@ def refresh(
         database_url=database_url, source_table=source_table, log_level=log_level,
     )
     _check_database_url(settings)
-    _configure_logging(settings.log_level, run_id)
+    _configure_logging(settings.log_level, run_id, settings.secrets())
 
     from .refresh import RunSummary, refresh_workspace, run_refresh
     from .refresh import dry_run as plan_only
     from .settings import SPEC_BY_FIELD as specs
 
     default_source = str(specs["source_table"].default)
-    rt = _runtime(settings, run_id, started)
+    rt = _runtime(settings, run_id, started, environ)
     code = ExitCode.OK
     try:
         if dry_run:
@@ -258,6 +289,7 @@ def refresh(
             summary = run_refresh(settings, rt, default_source=default_source)
         if not summary.success:
             code = ExitCode.FAILURE
+            sys.stderr.write(f"availability-cron: failed: {summary.error}\n")
     except ConfigError as exc:
         _usage_error(scrub(exc.message, settings.secrets()))
     except Exception as exc:  # a real failure: say what (never a secret), still print JSON
@@ -267,7 +299,8 @@ def refresh(
             log.debug("unexpected error", exc_info=True)
             message = f"unexpected error: {type(exc).__name__}: {exc}"
         message = scrub(message, settings.secrets())
-        summary = RunSummary(
+        partial = getattr(exc, "summary", None)
+        summary = partial if isinstance(partial, RunSummary) else RunSummary(
             success=False, skipped=False, reason="error", run_id=run_id,
             started_at=rt.started_at(), duration_ms=rt.elapsed_ms(),
             time_budget_ms=settings.time_budget_ms, concurrency=settings.concurrency,
@@ -276,7 +309,7 @@ def refresh(
         sys.stderr.write(f"availability-cron: failed: {message}\n")
         code = ExitCode.FAILURE
     if output is OutputFormat.table:
-        _print_summary_table(summary.as_json())
+        _print_table("availability-cron refresh", summary.as_json())
     else:
         _print_json(summary.as_json())
     log.info("run finished: %s", "ok" if code == ExitCode.OK else "failed")
@@ -298,15 +331,18 @@ def _exit(code: ExitCode) -> NoReturn:
     raise typer.Exit(int(code))
 
 
-def _print_summary_table(data: dict[str, object]) -> None:
+def _print_table(title: str, data: dict[str, object]) -> None:
+    """A two-column table for people: the same keys and numbers as the JSON."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="availability-cron refresh", show_header=True)
-    table.add_column("field")
+    table = Table(title=title, show_header=True)
+    table.add_column("key")
     table.add_column("value", justify="right")
     for key, value in data.items():
-        table.add_row(key, json.dumps(value) if isinstance(value, dict) else str(value))
+        text = "-" if value is None else (
+            json.dumps(value) if isinstance(value, dict) else str(value))
+        table.add_row(key, text)
     Console().print(table)
 
 
@@ -352,11 +388,11 @@ def metrics(
     settings = _load(env_file, database_url=database_url, source_table=source_table,
                      log_level=log_level)
     _check_database_url(settings)
-    _configure_logging(settings.log_level)
+    _configure_logging(settings.log_level, secrets=settings.secrets())
     from datetime import UTC, datetime
 
     from . import db
-    from .metrics import render_table, staleness
+    from .metrics import staleness
 
     default_source = str(SPEC_BY_FIELD["source_table"].default)
     try:
@@ -371,9 +407,8 @@ def metrics(
     except AvailabilityCronError as exc:
         _failure(scrub(exc.message, settings.secrets()))
     if output is OutputFormat.table:
-        from rich.console import Console
-
-        Console().print(render_table(report))
+        _print_table(f"availability caches at {report.as_json()['at']}",
+                     {k: v for k, v in report.as_json().items() if k != "at"})
     else:
         _print_json(report.as_json())
 
@@ -394,7 +429,7 @@ def db_migrate(
 ) -> None:
     settings = _load(env_file, database_url=database_url, log_level=log_level)
     _check_database_url(settings)
-    _configure_logging(settings.log_level)
+    _configure_logging(settings.log_level, secrets=settings.secrets())
     from . import db
 
     try:

@@ -19,7 +19,7 @@ import psycopg
 from psycopg import sql
 from tenacity import (
     Retrying,
-    retry_if_exception_type,
+    retry_if_exception,
     stop_after_attempt,
     stop_after_delay,
     wait_exponential,
@@ -86,19 +86,31 @@ def connect(
     secrets: list[str],
     attempts: int = CONNECT_ATTEMPTS,
 ) -> Connection:
-    """Open an autocommit connection, retrying briefly; raise DatabaseUnavailable if it fails."""
+    """Open an autocommit connection, retrying briefly; raise DatabaseUnavailable if it fails.
+
+    Only failures that may pass are retried (refused, reset, timed out). A rejected
+    password, a missing database or an invalid connection parameter fails at once:
+    retrying cannot fix them. An invalid parameter value is a ConfigError (exit 2).
+    The session is then prepared for a long, mostly idle run (see _prepare).
+    """
+    tries = 0
+
+    def worth_retrying(exc: BaseException) -> bool:
+        return isinstance(exc, psycopg.OperationalError) and not _is_final(exc)
+
     retrying = Retrying(
         stop=stop_after_attempt(attempts) | stop_after_delay(CONNECT_MAX_SECONDS),
         wait=wait_exponential(multiplier=0.25, max=2),
-        retry=retry_if_exception_type(psycopg.OperationalError),
+        retry=retry_if_exception(worth_retrying),
         reraise=True,
     )
     try:
         for attempt in retrying:
             with attempt:
-                # TCP keepalives let both ends notice a dead peer within ~30 s even
-                # when the network, not a process, dies.
-                return psycopg.connect(
+                tries += 1
+                # TCP keepalives and a user timeout let the client notice a dead peer
+                # within ~30 s even when the network, not a process, dies.
+                conn = psycopg.connect(
                     url,
                     autocommit=True,
                     application_name=application_name[:63],
@@ -107,14 +119,38 @@ def connect(
                     keepalives_idle=15,
                     keepalives_interval=5,
                     keepalives_count=3,
+                    tcp_user_timeout=30_000,
                 )
+                _prepare(conn)
+                return conn
     except psycopg.OperationalError as exc:
-        raise DatabaseUnavailable(
-            f"cannot connect to the database after {attempts} attempts: {_reason(exc, secrets)}"
-        ) from None
+        reason = _reason(exc, secrets)
+        if _INVALID_VALUE.search(str(exc)):
+            raise ConfigError(f"DATABASE_URL has an invalid parameter: {reason}") from None
+        after = f" after {tries} attempts" if tries > 1 else ""
+        raise DatabaseUnavailable(f"cannot connect to the database{after}: {reason}") from None
     except psycopg.ProgrammingError as exc:
         raise ConfigError(f"DATABASE_URL is not usable: {_reason(exc, secrets)}") from None
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+_INVALID_VALUE = re.compile(r"invalid \S+ value|invalid value for parameter|invalid port")
+_FINAL = re.compile(
+    r"password authentication failed|authentication failed|no pg_hba\.conf entry"
+    r"|database \S+ does not exist|role \S+ does not exist"
+)
+
+
+def _is_final(exc: BaseException) -> bool:
+    text = str(exc)
+    return bool(_INVALID_VALUE.search(text) or _FINAL.search(text))
+
+
+def _prepare(conn: Connection) -> None:
+    """Make the session survive a long run: no idle timeout, quick dead-peer detection."""
+    if conn.info.server_version >= 140000:
+        conn.execute(queries.KEEP_IDLE_SESSION)
+    conn.execute(queries.SESSION_KEEPALIVES)
 
 
 def _reason(exc: BaseException, secrets: list[str]) -> str:
@@ -137,6 +173,11 @@ def translate_errors(secrets: list[str]) -> Iterator[None]:
         ) from None
     except psycopg.errors.ReadOnlySqlTransaction:
         raise NotPrimary() from None
+    except (psycopg.errors.QueryCanceled, psycopg.errors.LockNotAvailable) as exc:
+        raise DatabaseError(
+            "a statement would have run past the run's time budget (a row or table lock "
+            f"held by another transaction?): {_reason(exc, secrets)}"
+        ) from None
     except psycopg.OperationalError as exc:
         raise ConnectionLost(
             f"the database connection was lost mid-run: {_reason(exc, secrets)}"
@@ -157,8 +198,11 @@ def latest_migration() -> int:
 
 def ensure_schema(conn: Connection, source_table: str, default_source: str) -> None:
     """Raise SchemaMissing (or ConfigError for a custom source) unless the schema is usable."""
-    row = conn.execute(queries.SCHEMA_VERSION).fetchone()
-    version = row[0] if row else None
+    row = conn.execute(queries.LEDGER_EXISTS).fetchone()
+    version: int | None = None
+    if row and row[0]:
+        row = conn.execute(queries.SCHEMA_VERSION).fetchone()
+        version = int(row[0]) if row else 0
     latest = latest_migration()
     if version is None or version < latest:
         found = "no schema" if version is None else f"schema version {version}"

@@ -23,7 +23,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from . import db
+from . import db, queries
 from .errors import ConfigError, DatabaseUnavailable
 from .lock import DEFAULT_LOCK_KEY, find_holder
 
@@ -75,7 +75,7 @@ def scratch_database(server_url: str) -> Iterator[str]:
 def seed(conn: db.Connection, count: int, now: datetime) -> dict[str, int]:
     """Seed ``count`` simulated workspaces with varied latency, failures, staleness."""
     kinds = {"failing": 0, "missing": 0, "fresh": 0, "stale": 0}
-    workspaces: list[tuple[str, str, Jsonb, datetime]] = []
+    workspaces: list[dict[str, Any]] = []
     caches: list[dict[str, Any]] = []
     for i in range(count):
         workspace_id = f"ws-{i:04d}"
@@ -83,9 +83,8 @@ def seed(conn: db.Connection, count: int, now: datetime) -> dict[str, int]:
         if i % 41 == 7:
             config["fail"] = "upstream answered 503"
             kinds["failing"] += 1
-        workspaces.append(
-            (workspace_id, "simulated", Jsonb(config), now - timedelta(days=30, minutes=i))
-        )
+        workspaces.append({"workspace_id": workspace_id, "config": Jsonb(config),
+                           "created_at": now - timedelta(days=30, minutes=i)})
         if i % 29 == 3:
             kinds["missing"] += 1
             continue
@@ -101,19 +100,8 @@ def seed(conn: db.Connection, count: int, now: datetime) -> dict[str, int]:
             "stale_at": now + timedelta(seconds=30) if fresh else refreshed + timedelta(minutes=1),
         })
     with conn.transaction(), conn.cursor() as cur:
-        cur.executemany(
-            "INSERT INTO availability_workspaces (workspace_id, provider, provider_config,"
-            " created_at) VALUES (%s, %s, %s, %s)",
-            workspaces,
-        )
-        cur.executemany(
-            "INSERT INTO workspace_availability_cache (workspace_id, slots_utc, slot_count,"
-            " range_start, range_end, fetched_at, refreshed_at, stale_at)"
-            " VALUES (%(workspace_id)s, %(slots)s, 0, %(refreshed_at)s,"
-            " %(refreshed_at)s + interval '30 days', %(refreshed_at)s, %(refreshed_at)s,"
-            " %(stale_at)s)",
-            caches,
-        )
+        cur.executemany(queries.DEMO_WORKSPACE, workspaces)
+        cur.executemany(queries.DEMO_CACHE, caches)
     return kinds
 
 

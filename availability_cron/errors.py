@@ -13,6 +13,10 @@ from __future__ import annotations
 class AvailabilityCronError(Exception):
     """availability-cron failed."""
 
+    #: When a run fails midway: its summary so far (a refresh.RunSummary), so the
+    #: numbers printed still count the work that was done and written.
+    summary: object | None = None
+
     def __init__(self, message: str | None = None) -> None:
         doc = (type(self).__doc__ or "").strip().splitlines()
         super().__init__(message or (doc[0] if doc else type(self).__name__))

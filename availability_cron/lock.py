@@ -93,9 +93,14 @@ def release(conn: psycopg.Connection[Any], key: int) -> None:
     if conn.closed:
         return
     try:
-        conn.execute(queries.ADVISORY_UNLOCK, {"key": key})
+        row = conn.execute(queries.ADVISORY_UNLOCK, {"key": key}).fetchone()
     except psycopg.Error as exc:  # the server drops the lock with the session anyway
         log.warning("could not release the advisory lock cleanly: %s", type(exc).__name__)
+        return
+    if not (row and row[0]):
+        # Only possible when the "session" changed under us: a transaction-mode pooler.
+        log.error("the advisory lock was not held by this session at release; is "
+                  "DATABASE_URL going through a transaction-mode pooler?")
 
 
 @contextmanager
@@ -105,8 +110,6 @@ def held(conn: psycopg.Connection[Any], key: int) -> Iterator[bool]:
     ``conn`` must be in autocommit mode and used for nothing else while the lock is
     held, so that no transaction on it can fail and take the session down with it.
     """
-    if conn.info.server_version >= 140000:
-        conn.execute(queries.KEEP_IDLE_SESSION)
     acquired = try_acquire(conn, key)
     try:
         yield acquired
@@ -115,10 +118,17 @@ def held(conn: psycopg.Connection[Any], key: int) -> Iterator[bool]:
             release(conn, key)
 
 
-def is_alive(conn: psycopg.Connection[Any]) -> bool:
-    """True if the lock connection still answers (so the lock is still ours)."""
+def holds(conn: psycopg.Connection[Any], key: int) -> bool:
+    """True if this very session holds the lock now.
+
+    Checked on the server, not by a mere ping: behind a transaction-mode pooler each
+    statement may run on another server session, where a ping succeeds but the lock
+    is not ours. A dead connection is False too.
+    """
+    classid, objid = _split_key(key)
     try:
-        conn.execute(queries.PING)
+        row = conn.execute(queries.SESSION_HOLDS_LOCK,
+                           {"classid": classid, "objid": objid}).fetchone()
     except psycopg.Error:
         return False
-    return True
+    return bool(row and row[0])

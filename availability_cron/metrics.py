@@ -82,17 +82,3 @@ def staleness(conn: db.Connection, source_table: str, now: datetime) -> Stalenes
         success_age_p50_minutes=_minutes(row["success_age_p50_seconds"]),
         success_age_p95_minutes=_minutes(row["success_age_p95_seconds"]),
     )
-
-
-def render_table(report: StalenessReport) -> Any:
-    """A rich Table of the report, for people (the CLI prints it)."""
-    from rich.table import Table
-
-    table = Table(title=f"availability caches at {report.as_json()['at']}", show_header=True)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key, value in report.as_json().items():
-        if key == "at":
-            continue
-        table.add_row(key, "-" if value is None else str(value))
-    return table

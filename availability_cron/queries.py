@@ -32,14 +32,10 @@ RECORD_MIGRATION = sql.SQL(
     "INSERT INTO availability_cron_migrations (version, name) VALUES (%(version)s, %(name)s)"
 )
 
-# Schema version without raising when the ledger does not exist yet.
-SCHEMA_VERSION = sql.SQL(
-    """
-    SELECT CASE WHEN to_regclass('availability_cron_migrations') IS NULL THEN NULL
-                ELSE (SELECT coalesce(max(version), 0) FROM availability_cron_migrations)
-           END
-    """
-)
+# Is there a migration ledger at all? (Asked first: querying a missing table raises.)
+LEDGER_EXISTS = sql.SQL("SELECT to_regclass('availability_cron_migrations') IS NOT NULL")
+
+SCHEMA_VERSION = sql.SQL("SELECT coalesce(max(version), 0) FROM availability_cron_migrations")
 
 # Does a relation (table or view) of this name exist on the search path?
 RELATION_EXISTS = sql.SQL("SELECT to_regclass(%(name)s) IS NOT NULL")
@@ -49,13 +45,40 @@ IS_STANDBY = sql.SQL("SELECT pg_is_in_recovery()")
 
 PING = sql.SQL("SELECT 1")
 
-# The lock connection idles for the whole run; a server-wide idle_session_timeout
-# (PostgreSQL 14+) must not end it, and with it the lock, mid-run.
+# Bound every statement of a run by what is left of it: a row lock held by an app
+# transaction, or a DDL migration, must not keep the run (and the lock) past its budget.
+SET_TIMEOUTS = sql.SQL(
+    "SELECT set_config('statement_timeout', %(ms)s, false),"
+    " set_config('lock_timeout', %(ms)s, false)"
+)
+
+# Our connections idle between statements for up to a whole run; a server-wide
+# idle_session_timeout (PostgreSQL 14+) must not end them, and the lock with them.
 KEEP_IDLE_SESSION = sql.SQL("SET idle_session_timeout = 0")
+
+# Server-side keepalives: if the job's host vanishes (power, network), the server
+# notices within ~30 s and drops the session and its lock, instead of the server
+# default (often 2 hours). Ignored on Unix sockets.
+SESSION_KEEPALIVES = sql.SQL(
+    "SET tcp_keepalives_idle = 15; SET tcp_keepalives_interval = 5;"
+    " SET tcp_keepalives_count = 3"
+)
 
 # --- lock -----------------------------------------------------------------------------------
 
 TRY_ADVISORY_LOCK = sql.SQL("SELECT pg_try_advisory_lock(%(key)s)")
+
+# Does *this* server session hold the lock (not merely: does the connection answer)?
+SESSION_HOLDS_LOCK = sql.SQL(
+    """
+    SELECT EXISTS (
+        SELECT 1 FROM pg_locks
+         WHERE locktype = 'advisory' AND granted AND pid = pg_backend_pid()
+           AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+           AND classid = %(classid)s::bigint::oid AND objid = %(objid)s::bigint::oid
+           AND objsubid = 1)
+    """
+)
 
 ADVISORY_UNLOCK = sql.SQL("SELECT pg_advisory_unlock(%(key)s)")
 
@@ -188,6 +211,24 @@ STALENESS = sql.SQL(
                ORDER BY extract(epoch FROM %(now)s - c.refreshed_at))
                FILTER (WHERE c.refreshed_at IS NOT NULL) AS success_age_p95_seconds
       FROM c
+    """
+)
+
+# --- demo -----------------------------------------------------------------------------------
+
+# Seed rows of `availability-cron demo` (simulated provider).
+DEMO_WORKSPACE = sql.SQL(
+    "INSERT INTO availability_workspaces (workspace_id, provider, provider_config, created_at)"
+    " VALUES (%(workspace_id)s, 'simulated', %(config)s, %(created_at)s)"
+)
+
+DEMO_CACHE = sql.SQL(
+    """
+    INSERT INTO workspace_availability_cache (workspace_id, slots_utc, slot_count, range_start,
+                range_end, fetched_at, refreshed_at, stale_at)
+    VALUES (%(workspace_id)s, %(slots)s, 0, %(refreshed_at)s,
+            %(refreshed_at)s + interval '30 days', %(refreshed_at)s, %(refreshed_at)s,
+            %(stale_at)s)
     """
 )
 

@@ -19,6 +19,7 @@ import logging
 import math
 import random
 import re
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 
 from . import db, lock, queries
-from .errors import ConfigError, ConnectionLost
+from .errors import AvailabilityCronError, ConfigError, ConnectionLost
 from .providers import (
     FetchRequest,
     PermanentProviderError,
@@ -258,8 +259,8 @@ def config_secrets(config: Any, environ: Mapping[str, str]) -> list[str]:
             for v in value:
                 visit(v, key)
         elif isinstance(value, str):
-            if key.endswith("_env") and environ.get(value):
-                found.append(environ[value])
+            if key.endswith("_env") and environ.get(value.strip()):
+                found.append(environ[value.strip()])
             elif _SECRET_KEY.search(key):
                 found.append(value)
 
@@ -290,7 +291,10 @@ def normalize_slots(
             )
         if value.tzinfo is None or value.utcoffset() is None:
             raise PermanentProviderError("provider returned a naive datetime (no time zone)")
-        instant = value.astimezone(UTC)
+        try:
+            instant = value.astimezone(UTC)
+        except OverflowError:  # e.g. 0001-01-01T00:00+05:00
+            raise PermanentProviderError("provider returned an instant out of range") from None
         if window_start <= instant < window_end:
             instants.add(instant)
     return tuple(_iso_utc(i) for i in sorted(instants))
@@ -303,8 +307,16 @@ def _iso_utc(instant: datetime) -> str:
     return instant.isoformat().replace("+00:00", "Z")
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def short_error(kind: str, exc: BaseException, secrets: list[str]) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
+    """``[kind] message`` on one line, secrets removed, at most MAX_ERROR_CHARS.
+
+    Control characters go: PostgreSQL text cannot hold NUL, and one provider echoing a
+    NUL byte must not make every batch write (and so every run) fail.
+    """
+    text = " ".join(_CONTROL.sub(" ", str(exc)).split()) or type(exc).__name__
     return scrub(f"[{kind}] {text}", secrets)[:MAX_ERROR_CHARS]
 
 
@@ -388,6 +400,7 @@ def sweep(
     grace: float = GRACE_SECONDS,
     clock: Callable[[], datetime],
     monotonic: Callable[[], float],
+    alive: Callable[[], bool] | None = None,
 ) -> SweepResult:
     """Run ``queue`` in order on ``concurrency`` threads and ``write`` results as they finish.
 
@@ -399,9 +412,19 @@ def sweep(
     abandoned: an error Outcome is written for each and the function returns without
     waiting for their threads (the caller must then end the process without joining
     them; see ``cli._exit``). ``write`` returns how many successes it actually stored.
+
+    ``alive`` (the lock check) is called every LOCK_CHECK_SECONDS whatever else happens;
+    once it returns False no call starts, what finished is written (the write rules make
+    that safe) and ConnectionLost is raised. Any AvailabilityCronError raised here
+    carries the counts so far in ``partial`` (a SweepResult).
     """
-    return _Sweep(queue, call, write, concurrency, deadline, margin, grace, clock,
-                  monotonic).run()
+    state = _Sweep(queue, call, write, concurrency, deadline, margin, grace, clock,
+                   monotonic, alive)
+    try:
+        return state.run()
+    except AvailabilityCronError as exc:
+        exc.partial = state.result()  # type: ignore[attr-defined]
+        raise
 
 
 #: A batch of results is written once it has this many rows...
@@ -424,8 +447,11 @@ class _Sweep:
         grace: float,
         clock: Callable[[], datetime],
         monotonic: Callable[[], float],
+        alive: Callable[[], bool] | None = None,
     ) -> None:
         self.queue, self.call, self.write = queue, call, write
+        self.alive = alive
+        self.next_check = monotonic() + LOCK_CHECK_SECONDS
         self.concurrency, self.deadline, self.margin, self.grace = (
             concurrency, deadline, margin, grace)
         self.clock, self.monotonic = clock, monotonic
@@ -445,6 +471,7 @@ class _Sweep:
                                       thread_name_prefix="refresh")
         try:
             while True:
+                self._check_alive()
                 self._fill(executor)
                 if not self.pending:
                     break
@@ -455,6 +482,8 @@ class _Sweep:
                 if self.unwritten:
                     flush_in = self.oldest_unwritten + FLUSH_SECONDS - self.monotonic()
                     remaining = min(remaining, max(0.0, flush_in))
+                if self.alive is not None:
+                    remaining = min(remaining, max(0.0, self.next_check - self.monotonic()))
                 done, _ = wait(self.pending, timeout=remaining, return_when=FIRST_COMPLETED)
                 for future in done:
                     del self.pending[future]
@@ -465,6 +494,9 @@ class _Sweep:
             self._flush(force=True)
         finally:
             executor.shutdown(wait=False, cancel_futures=True)
+        return self.result()
+
+    def result(self) -> SweepResult:
         return SweepResult(
             started=self.started,
             succeeded=self.succeeded,
@@ -474,6 +506,18 @@ class _Sweep:
             superseded=self.superseded,
             missing_started=self.missing_started,
             stale_started=self.stale_started,
+        )
+
+    def _check_alive(self) -> None:
+        if self.alive is None or self.monotonic() < self.next_check:
+            return
+        self.next_check = self.monotonic() + LOCK_CHECK_SECONDS
+        if self.alive():
+            return
+        self.exhausted = True  # start nothing more; keep what finished
+        self._flush(force=True)
+        raise ConnectionLost(
+            "the lock connection was lost mid-run; stopping so that runs cannot overlap"
         )
 
     def _fill(self, executor: ThreadPoolExecutor) -> None:
@@ -732,6 +776,7 @@ def _run_sweep(
     alive: Callable[[], bool] | None = None,
 ) -> SweepResult:
     deadline = rt.started_monotonic + settings.time_budget_ms / 1000
+    secrets = settings.secrets()
     ctx = CallContext(
         registry=rt.registry,
         lookahead=timedelta(days=settings.lookahead_days),
@@ -739,24 +784,19 @@ def _run_sweep(
         clock=rt.clock,
         monotonic=rt.monotonic,
         environ=rt.environ,
-        secrets=settings.secrets(),
+        secrets=secrets,
     )
     policy = WritePolicy(
         ttl=timedelta(milliseconds=settings.cache_ttl_ms),
         max_backoff=timedelta(milliseconds=settings.max_backoff_ms),
         rng=rt.rng,
     )
-    last_check = rt.monotonic()
 
     def write(outcomes: Sequence[Outcome]) -> int:
-        nonlocal last_check
-        if alive is not None and rt.monotonic() - last_check >= LOCK_CHECK_SECONDS:
-            last_check = rt.monotonic()
-            if not alive():
-                raise ConnectionLost(
-                    "the lock connection was lost mid-run; stopping so that runs cannot overlap"
-                )
-        return write_outcomes(work, outcomes, policy)
+        left_ms = int((deadline + GRACE_SECONDS - rt.monotonic()) * 1000)
+        with db.translate_errors(secrets):
+            work.execute(queries.SET_TIMEOUTS, {"ms": str(max(1000, left_ms))})
+            return write_outcomes(work, outcomes, policy)
 
     try:
         return sweep(
@@ -768,9 +808,28 @@ def _run_sweep(
             margin=settings.deadline_margin_ms / 1000,
             clock=rt.clock,
             monotonic=rt.monotonic,
+            alive=alive,
         )
+    except AvailabilityCronError as exc:
+        partial = getattr(exc, "partial", None)
+        if isinstance(partial, SweepResult):
+            exc.summary = _sweep_summary(
+                settings, rt, len(queue), partial, success=False, skipped=False,
+                reason="error", error=exc.message,
+            )
+        raise
     finally:
-        rt.registry.close()
+        _close_bounded(rt.registry)
+
+
+def _close_bounded(registry: ProviderRegistry, seconds: float = 2.0) -> None:
+    """Close the providers, but never wait more than ``seconds``: a plugin's close() may hang
+    on a worker that is itself hung, and the lock must still be released."""
+    closer = threading.Thread(target=registry.close, name="refresh-close", daemon=True)
+    closer.start()
+    closer.join(seconds)
+    if closer.is_alive():
+        log.warning("providers did not close within %.0fs; leaving them", seconds)
 
 
 def run_refresh(settings: Settings, rt: Runtime, *, default_source: str) -> RunSummary:
@@ -783,13 +842,7 @@ def run_refresh(settings: Settings, rt: Runtime, *, default_source: str) -> RunS
             db.ensure_schema(lock_conn, settings.source_table, default_source)
             with lock.held(lock_conn, settings.lock_key) as acquired:
                 if not acquired:
-                    holder = lock.find_holder(lock_conn, settings.lock_key)
-                    log.info("another run holds the lock; skipping")
-                    return _summary(
-                        settings, rt, success=True, skipped=True, reason="locked",
-                        finished_within_budget=True,
-                        holder=holder.as_json() if holder else None,
-                    )
+                    return _skipped(settings, rt, lock.find_holder(lock_conn, settings.lock_key))
                 with rt.connect("work") as work:
                     now = rt.clock()
                     the_plan = plan(
@@ -805,7 +858,7 @@ def run_refresh(settings: Settings, rt: Runtime, *, default_source: str) -> RunS
                     )
                     result = _run_sweep(
                         settings, rt, work, the_plan.queue,
-                        alive=lambda: lock.is_alive(lock_conn),
+                        alive=lambda: lock.holds(lock_conn, settings.lock_key),
                     )
                     return _sweep_summary(
                         settings, rt, len(the_plan.queue), result,
@@ -813,6 +866,38 @@ def run_refresh(settings: Settings, rt: Runtime, *, default_source: str) -> RunS
                     )
         finally:
             lock_conn.close()
+
+
+def stuck_after_seconds(settings: Settings) -> float:
+    """A holder older than this cannot be a healthy run (budget + grace, with room to spare)."""
+    return 2 * settings.time_budget_ms / 1000 + 60
+
+
+def _skipped(settings: Settings, rt: Runtime, holder: lock.LockHolder | None) -> RunSummary:
+    """The summary of a run that found the lock held: fine, unless the holder is stuck.
+
+    A skip is exit 0, but a holder older than stuck_after_seconds() means every run
+    is being skipped by something that is not working (a wedged process, a vanished
+    host): that is a real failure, reported as reason "lock-stuck" with exit 1.
+    """
+    held = holder.held_for_seconds if holder else None
+    limit = stuck_after_seconds(settings)
+    if held is not None and held > limit:
+        assert holder is not None
+        log.error("the lock has been held by pid %s for %.0fs", holder.pid, held)
+        return _summary(
+            settings, rt, success=False, skipped=True, reason="lock-stuck",
+            holder=holder.as_json(),
+            error=(f"the refresh lock has been held for {held:.0f}s by backend pid "
+                   f"{holder.pid} ({holder.application_name}), longer than any run may take "
+                   f"({limit:.0f}s); if that process is wedged, end it with "
+                   f"SELECT pg_terminate_backend({holder.pid})"),
+        )
+    log.info("another run holds the lock; skipping")
+    return _summary(
+        settings, rt, success=True, skipped=True, reason="locked", finished_within_budget=True,
+        holder=holder.as_json() if holder else None,
+    )
 
 
 def refresh_workspace(
@@ -840,11 +925,15 @@ def refresh_workspace(
             state.stale_at or state.created_at, state.consecutive_failures,
         )
         result = _run_sweep(settings, rt, work, [item])
+        if result.succeeded == 1:
+            error = None
+        elif result.started == 0:
+            error = "not started: less than the deadline margin was left of the time budget"
+        else:
+            error = "the refresh of this workspace failed (see last_error in its cache row)"
         return _sweep_summary(
-            settings, rt, 1, result,
-            success=result.succeeded == 1, skipped=False, reason=None,
-            workspace=workspace_id,
-            error=None if result.succeeded == 1 else "the refresh of this workspace failed",
+            settings, rt, 1, result, success=error is None, skipped=False, reason=None,
+            workspace=workspace_id, error=error,
         )
 
 

@@ -51,7 +51,15 @@ def _fraction(name: str, raw: str) -> float:
 
 def _database_url(name: str, raw: str) -> str:
     value = raw.strip()
-    if value.startswith(("postgresql://", "postgres://")) or "=" in value:
+    if value.startswith(("postgresql://", "postgres://")):
+        authority = value.split("://", 1)[1].split("/", 1)[0]
+        if authority.count("@") > 1:
+            raise ConfigError(
+                f"{name} has an unencoded '@' in its user or password: percent-encode it "
+                "(@ is %40, / is %2F, : is %3A)"
+            )
+        return value
+    if "=" in value:
         return value
     # The rejected value is not echoed: without a scheme we cannot tell where a
     # password would be, and a password must never reach a log.
@@ -236,28 +244,35 @@ def load_settings(
 
 
 def url_secrets(url: str | None) -> list[str]:
-    """The password inside ``url`` (any form), as a list for :func:`scrub`."""
-    return [p for p in [_password(url)] if p]
+    """Every form of the password inside ``url`` that an error message might quote.
 
-
-def _password(url: str | None) -> str | None:
-    """The password inside a URL, a URL's query, or a key=value string, if any."""
+    URL parsers disagree on a password holding an unencoded ``@`` or ``/`` (urllib
+    splits at the last ``@``, libpq at the first), so every reading is returned,
+    encoded and decoded, with its fragments, longest first so that :func:`scrub`
+    removes a whole password before any part of it.
+    """
     if not url:
-        return None
+        return []
+    found: list[str] = []
     if "://" in url:
-        try:
-            password = urllib.parse.urlsplit(url).password
-        except ValueError:  # malformed (e.g. an unclosed [): fall back to a pattern
-            password = None
-        if password is None:
-            match = re.search(r"://[^:/@]*:([^@]*)@", url)
-            password = urllib.parse.unquote(match.group(1)) if match else None
-        if password is None:
-            match = re.search(r"[?&]password=([^&]*)", url)
-            password = urllib.parse.unquote(match.group(1)) if match else None
-        return password or None
-    match = re.search(r"(?:^|\s)password\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", url)
-    return match.group(1).strip("'") if match else None
+        authority = url.split("://", 1)[1]
+        for userinfo in (authority.rpartition("@")[0], authority.partition("@")[0]):
+            if "@" in authority and ":" in userinfo:
+                found.append(userinfo.split(":", 1)[1])
+        found += re.findall(r"[?&]password=([^&]*)", url)
+    else:
+        found += [m.strip("'") for m in _KV_PASSWORD.findall(url)]
+    pieces = set()
+    for secret in found:
+        for form in (secret, urllib.parse.unquote(secret)):
+            pieces.add(form)
+            pieces.update(re.split(r"[@/:?#\s]", form))
+    return sorted((p for p in pieces if len(p) >= 3), key=len, reverse=True)
+
+
+# The value after password=, up to the next key= (libpq would choke on a space inside,
+# and quote the rest in its error message).
+_KV_PASSWORD = re.compile(r"(?:^|\s)password\s*=\s*('(?:[^'\\]|\\.)*'|.*?)(?=\s+\w+\s*=|\s*$)")
 
 
 def redact_url(url: str) -> str:

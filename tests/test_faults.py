@@ -103,3 +103,59 @@ def test_a_read_only_database_is_refused_with_exit_1_naming_the_primary(
     assert "read-only" in proc.stderr and "primary" in proc.stderr
     with psycopg.connect(database_url, autocommit=True) as check:
         assert check.execute("SELECT count(*) FROM workspace_availability_cache").fetchone() == (0,)
+
+
+def test_losing_the_lock_is_noticed_within_seconds_even_while_every_call_is_slow(
+    database_url, conn
+):
+    # Nothing finishes for 8 s, so nothing is written: the check must not ride on writes.
+    for i in range(5):
+        add_workspace(conn, f"ws-{i}", config={"latency_ms": 8000})
+    env = clean_env(DATABASE_URL=database_url, AVAILABILITY_CRON_TIME_BUDGET_MS="20000",
+                    AVAILABILITY_CRON_DEADLINE_MARGIN_MS="1000")
+    proc = subprocess.Popen([CLI, "refresh"], env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        pid = _backend_pid(conn, "lock")
+        time.sleep(0.5)
+        started = time.monotonic()
+        conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        stdout, stderr = proc.communicate(timeout=30)
+        stopped_after = time.monotonic() - started
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 1, stderr
+    assert "lock connection was lost" in stderr
+    assert stopped_after < 4, stopped_after
+
+
+def test_a_run_failing_midway_still_counts_the_work_it_wrote(database_url, conn):
+    import json
+
+    for i in range(40):
+        add_workspace(conn, f"ws-{i:02d}", config={"latency_ms": 250})
+    proc = _start_slow_run(database_url)
+    try:
+        pid = _backend_pid(conn, "work")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            row = conn.execute("SELECT count(*) FROM workspace_availability_cache").fetchone()
+            if row and row[0] >= 3:
+                break
+            time.sleep(0.05)
+        conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        stdout, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    summary = json.loads(stdout)
+    written = conn.execute(
+        "SELECT count(*) FROM workspace_availability_cache WHERE refreshed_at IS NOT NULL"
+    ).fetchone()[0]
+    assert summary["success"] is False
+    assert summary["planned"] == 40
+    assert summary["refreshed"] == written >= 3
+    assert summary["attempted"] >= summary["refreshed"]

@@ -11,6 +11,8 @@ import threading
 from collections.abc import Mapping
 from importlib.metadata import EntryPoint, entry_points
 
+from ._config import ConfigReader
+from ._http import HttpSession, credential_key, path_of
 from .base import (
     FetchRequest,
     PermanentProviderError,
@@ -22,6 +24,10 @@ from .base import (
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "ConfigReader",
+    "HttpSession",
+    "credential_key",
+    "path_of",
     "FetchRequest",
     "PermanentProviderError",
     "Provider",
@@ -56,6 +62,8 @@ class ProviderRegistry:
         self._extra = dict(extra or {})
         self._entry_points: dict[str, EntryPoint] | None = None
         self._instances: dict[str, Provider] = {}
+        self._failures: dict[str, PermanentProviderError] = {}
+        self._name_locks: dict[str, threading.Lock] = {}
         self._lock = threading.Lock()
 
     def names(self) -> list[str]:
@@ -68,34 +76,67 @@ class ProviderRegistry:
         return self._entry_points
 
     def get(self, name: str) -> Provider:
-        """The provider instance for ``name``; PermanentProviderError if none is installed."""
+        """The provider instance for ``name``; PermanentProviderError if none is installed.
+
+        Each name is loaded and instantiated once per run, under a lock of its own: a
+        plugin whose import or constructor hangs blocks only its own workspaces, never
+        the others nor close(). A failure to load is remembered for the run.
+        """
         with self._lock:
             if name in self._instances:
                 return self._instances[name]
-            cls = self._extra.get(name)
-            if cls is None:
-                ep = self._eps().get(name)
-                if ep is None:
-                    installed = ", ".join(sorted(set(self._eps()) | set(self._extra))) or "none"
-                    raise PermanentProviderError(
-                        f"unknown provider {name!r}; installed: {installed}"
-                    )
-                try:
-                    cls = ep.load()
-                except Exception as exc:
-                    raise PermanentProviderError(
-                        f"provider {name!r} failed to load: {type(exc).__name__}: {exc}"
-                    ) from None
-            instance = cls(self.context)
-            self._instances[name] = instance
+            if name in self._failures:
+                raise self._failures[name]
+            name_lock = self._name_locks.setdefault(name, threading.Lock())
+        with name_lock:
+            with self._lock:
+                if name in self._instances:
+                    return self._instances[name]
+                if name in self._failures:
+                    raise self._failures[name]
+            try:
+                instance = self._load(name)(self.context)
+            except PermanentProviderError as exc:
+                with self._lock:
+                    self._failures[name] = exc
+                raise
+            except Exception as exc:
+                error = PermanentProviderError(
+                    f"provider {name!r} failed to start: {type(exc).__name__}: {exc}"
+                )
+                with self._lock:
+                    self._failures[name] = error
+                raise error from None
+            with self._lock:
+                self._instances[name] = instance
             return instance
 
-    def close(self) -> None:
+    def _load(self, name: str) -> type[Provider]:
+        cls = self._extra.get(name)
+        if cls is not None:
+            return cls
         with self._lock:
-            for provider in self._instances.values():
-                try:
-                    provider.close()
-                except Exception:  # closing must never fail the run
-                    log.warning("provider %s failed to close", provider.name, exc_info=True)
+            eps = self._eps()
+        ep = eps.get(name)
+        if ep is None:
+            installed = ", ".join(sorted(set(eps) | set(self._extra))) or "none"
+            raise PermanentProviderError(f"unknown provider {name!r}; installed: {installed}")
+        try:
+            loaded: type[Provider] = ep.load()
+        except Exception as exc:
+            raise PermanentProviderError(
+                f"provider {name!r} failed to load: {type(exc).__name__}: {exc}"
+            ) from None
+        return loaded
+
+    def close(self) -> None:
+        """Close every provider started this run, then the shared HTTP client."""
+        with self._lock:
+            instances = list(self._instances.values())
             self._instances.clear()
+        for provider in instances:
+            try:
+                provider.close()
+            except Exception:  # closing must never fail the run
+                log.warning("provider %s failed to close", provider.name, exc_info=True)
         self.context.http.close()

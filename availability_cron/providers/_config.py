@@ -7,11 +7,17 @@ environment variable that ``token_env`` names; neither value is ever put in a me
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
 from .base import PermanentProviderError
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+# provider_config may come from tenants: token_env must not let one of them send the
+# job's database password (or any of its settings) to a base_url of their choosing.
+_FORBIDDEN_ENV = re.compile(r"(?i)(^PG|DATABASE|^AVAILABILITY_CRON_|^AVAILABILITY_CACHE_)")
 
 
 class ConfigReader:
@@ -97,8 +103,13 @@ class ConfigReader:
                 f"{self.provider}: set provider_config.{token_key} or .{env_key}, not both"
             )
         if env_name is not None:
-            if not isinstance(env_name, str) or not env_name.strip():
-                raise self.error(env_key, "the name of an environment variable")
+            if not isinstance(env_name, str) or not _ENV_NAME.fullmatch(env_name.strip()):
+                raise self.error(env_key, "the name of an environment variable (A-Z, 0-9, _)")
+            if _FORBIDDEN_ENV.search(env_name.strip()):
+                raise PermanentProviderError(
+                    f"{self.provider}: provider_config.{env_key} may not name the job's own "
+                    "settings or database credentials (DATABASE_*, PG*, AVAILABILITY_CRON_*)"
+                )
             value = self.environ.get(env_name.strip())
             if not value:
                 raise PermanentProviderError(

@@ -228,7 +228,7 @@ class HttpSession:
                 return body.decode("utf-8", errors="replace")
             try:
                 return json.loads(body)
-            except (ValueError, UnicodeDecodeError):
+            except (ValueError, UnicodeDecodeError, RecursionError):
                 raise PermanentProviderError(
                     f"{what}: HTTP {status} but the body is not valid JSON"
                 ) from None
@@ -282,7 +282,7 @@ def _error_excerpt(body: bytes) -> str:
     """A short, single-line hint from an error body: its JSON message field, if any."""
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return ""
     message: Any = None
     if isinstance(data, dict):

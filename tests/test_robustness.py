@@ -1,0 +1,127 @@
+"""Failures found in review: each must stay a per-workspace error or end the run in time."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from datetime import datetime
+
+import psycopg
+import pytest
+from helpers import add_cache, add_workspace, cache_row, make_runtime, make_settings
+
+from availability_cron import errors, lock
+from availability_cron.providers import FetchRequest, Provider, RetryableProviderError
+from availability_cron.refresh import GRACE_SECONDS, _skipped, run_refresh
+
+SOURCE = "availability_workspaces"
+
+
+class NulProvider(Provider):
+    name = "nul"
+
+    def fetch(self, request: FetchRequest) -> Iterable[datetime]:
+        raise RetryableProviderError("upstream\x00broken\x07 badly")
+
+
+def test_a_provider_error_with_a_nul_byte_is_stored_cleaned_and_the_run_succeeds(
+    database_url, conn
+):
+    add_workspace(conn, "ws-nul", provider="nul")
+    add_workspace(conn, "ws-ok")
+    summary = run_refresh(make_settings(database_url),
+                          make_runtime(database_url, providers={"nul": NulProvider}),
+                          default_source=SOURCE)
+    assert summary.success and summary.refreshed == 1 and summary.errors == 1
+    row = cache_row(conn, "ws-nul")
+    assert row is not None
+    assert row["last_error"] == "[retryable] upstream broken badly"
+
+
+@pytest.fixture
+def release() -> Iterator[threading.Event]:
+    event = threading.Event()
+    yield event
+    event.set()
+
+
+def test_a_provider_whose_constructor_hangs_blocks_only_its_own_workspaces(
+    database_url, conn, release
+):
+    class Wedged(Provider):
+        name = "wedged"
+
+        def __init__(self, context):  # a plugin fetching a token with no timeout
+            release.wait()
+            super().__init__(context)
+
+        def fetch(self, request: FetchRequest) -> Iterable[datetime]:
+            return []
+
+    add_workspace(conn, "ws-a-wedged", provider="wedged")
+    for i in range(4):
+        add_workspace(conn, f"ws-ok-{i}")
+    settings = make_settings(database_url, time_budget_ms=2000, deadline_margin_ms=500,
+                             concurrency=2)
+    started = time.monotonic()
+    summary = run_refresh(settings, make_runtime(database_url, providers={"wedged": Wedged}),
+                          default_source=SOURCE)
+    elapsed = time.monotonic() - started
+    assert summary.refreshed == 4, summary
+    assert summary.unfinished == 1
+    # budget + grace + at most the bounded close, with slack for a noisy machine
+    assert elapsed < 2 + GRACE_SECONDS + 2 + 3, elapsed
+    assert lock.find_holder(conn, settings.lock_key) is None
+
+
+def test_a_row_lock_held_by_the_app_cannot_keep_the_run_past_its_budget(
+    database_url, conn, server_url
+):
+    add_workspace(conn, "ws-1")
+    add_cache(conn, "ws-1", stale_at=datetime(2020, 1, 1).astimezone())
+    blocker = psycopg.connect(database_url)  # an app transaction holding the row
+    try:
+        blocker.execute(
+            "SELECT 1 FROM workspace_availability_cache WHERE workspace_id = 'ws-1' FOR UPDATE"
+        )
+        settings = make_settings(database_url, time_budget_ms=2000, deadline_margin_ms=500)
+        started = time.monotonic()
+        with pytest.raises(errors.DatabaseError, match="time budget") as info:
+            run_refresh(settings, make_runtime(database_url), default_source=SOURCE)
+        elapsed = time.monotonic() - started
+    finally:
+        blocker.rollback()
+        blocker.close()
+    assert elapsed < 2 + GRACE_SECONDS + 3, elapsed
+    assert lock.find_holder(conn, settings.lock_key) is None
+    # The failure summary still counts what was attempted.
+    assert info.value.summary is not None and info.value.summary.attempted == 1
+
+
+def test_idle_session_timeout_on_the_server_does_not_kill_a_slow_run(
+    database_url, conn, server_url
+):
+    if conn.info.server_version < 140000:
+        pytest.skip("idle_session_timeout needs PostgreSQL 14")
+    with psycopg.connect(server_url, autocommit=True) as admin:
+        admin.execute(psycopg.sql.SQL("ALTER DATABASE {} SET idle_session_timeout = '1s'").format(
+            psycopg.sql.Identifier(conn.info.dbname)))
+    add_workspace(conn, "ws-slow", config={"latency_ms": 2500})
+    summary = run_refresh(make_settings(database_url, time_budget_ms=8000,
+                                        deadline_margin_ms=1000),
+                          make_runtime(database_url), default_source=SOURCE)
+    assert summary.success and summary.refreshed == 1
+
+
+def test_a_lock_holder_older_than_any_run_could_be_is_reported_as_stuck(database_url):
+    settings = make_settings(database_url, time_budget_ms=45000)
+    runtime = make_runtime(database_url)
+    young = lock.LockHolder(4242, "availability-cron lock run=x", None, 30.0, "idle", None, True)
+    old = lock.LockHolder(4242, "availability-cron lock run=x", None, 3600.0, "idle", None, True)
+    assert _skipped(settings, runtime, young).success is True
+    stuck = _skipped(settings, runtime, old)
+    assert stuck.success is False and stuck.skipped is True and stuck.reason == "lock-stuck"
+    assert "pg_terminate_backend(4242)" in (stuck.error or "")
+    invisible = lock.LockHolder(4242, None, None, None, None, None, False)
+    assert _skipped(settings, runtime, invisible).success is True
