@@ -295,7 +295,9 @@ def _error_excerpt(body: bytes) -> str:
                 break
     if not isinstance(message, str):
         return ""
-    return ": " + " ".join(message.split())[:160]
+    # Not cut short: a cut could split a token the server echoed, and only whole tokens
+    # are scrubbed (the stored error is cut to 500 characters after scrubbing).
+    return ": " + " ".join(message.split())[:1000]
 
 
 def path_of(url: str) -> str:

@@ -37,6 +37,7 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from ._config import ConfigReader
 from ._http import credential_key, path_of
+from ._shape import kind as _kind
 from .base import (
     FetchRequest,
     PermanentProviderError,
@@ -242,22 +243,6 @@ def _instant(value: Any, label: str) -> datetime:
     except OverflowError:  # 0001-01-01T00:00+05:00 is before year 1 in UTC
         raise PermanentProviderError(f"http: {label} is out of range: {shown}") from None
 
-
-def _kind(value: Any) -> str:
-    """How a JSON value is named in messages."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__
 
 
 def _without_secret(exc: ProviderError, secret: str | None) -> ProviderError:
