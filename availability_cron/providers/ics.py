@@ -1,0 +1,503 @@
+"""The ``ics`` provider: free slots computed from an iCalendar (RFC 5545) feed.
+
+The feed is read from ``url`` (one GET through the run's HTTP session) or from ``path``
+(a local file, only inside the directory named by AVAILABILITY_CRON_ICS_FILE_ROOT).
+Every VEVENT occurrence in the window is busy time, except transparent
+(``TRANSP:TRANSPARENT``) and cancelled (``STATUS:CANCELLED``) ones; recurrence (RRULE,
+RDATE, EXDATE, moved or modified instances) is expanded by ``recurring_ical_events``.
+Free slots are then laid on the weekly working ``hours`` in the workspace's ``timezone``.
+See docs/providers/ics.md.
+
+provider_config keys:
+  url                 (http, https or webcal URL)  the feed; or else
+  path                (string)                     a file inside AVAILABILITY_CRON_ICS_FILE_ROOT
+  timezone            (IANA name, required)        working hours, all-day and floating times
+  hours               (object, Mon-Fri 09-17)      {"mon": [["09:00", "17:00"]], ...}
+  slot_minutes        (int 5..480, default 30)     slot length and step
+  min_notice_minutes  (int, default 0)             no slot starts sooner than this
+  token / token_env   (optional, url only)         sent as ``Authorization: Bearer``
+  headers             (object, optional, url only) extra request headers
+
+"Now", for min_notice_minutes, is the request's ``window_start``: the job starts the
+window at its own clock reading for this call (to the minute), so the provider needs no
+clock of its own and a test controls "now" through the window it asks for.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import os
+import re
+import stat
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import icalendar
+import recurring_ical_events  # type: ignore[import-untyped]  # ships no py.typed
+
+from ._config import ConfigReader
+from ._http import MAX_BODY_BYTES
+from .base import FetchRequest, PermanentProviderError, Provider, RetryableProviderError
+
+#: The only directory ``path`` feeds may be read from; unset means no local files at all.
+FILE_ROOT_ENV = "AVAILABILITY_CRON_ICS_FILE_ROOT"
+#: More event occurrences than this in the (padded) window is an error, not a calendar.
+MAX_OCCURRENCES = 50_000
+#: Recurrence rules are expanded from their DTSTART (dateutil walks every period up to
+#: the window), at a few microseconds a step; past this many steps the feed is refused
+#: before any expansion, so one hostile RRULE cannot hold a worker (and the GIL) for minutes.
+MAX_RULE_STEPS = 500_000
+DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+DEFAULT_HOURS: Mapping[str, Sequence[Sequence[str]]] = {
+    day: (("09:00", "17:00"),) for day in DAYS[:5]
+}
+#: Events are queried this far beyond the window on each side: a floating or all-day
+#: event is placed in the workspace's zone only after the query, up to 14 hours away
+#: from UTC, and slots at the window's edges must still see the events next to them.
+QUERY_PADDING = timedelta(days=2)
+
+_KEYS = {"url", "path", "timezone", "hours", "slot_minutes", "min_notice_minutes", "token",
+         "token_env", "headers"}
+_HHMM = re.compile(r"(?:[01]\d|2[0-3]):[0-5]\d|24:00")
+_HOURS_SHAPE = 'an object of day names (mon..sun) to lists of ["HH:MM", "HH:MM"] intervals'
+#: What malformed feed data makes icalendar and recurring_ical_events raise (their own
+#: errors are ValueError subclasses; a missing DTSTART is a KeyError).
+_DATA_ERRORS = (ValueError, KeyError, TypeError, AttributeError, OverflowError)
+#: Shortest possible period of each FREQ, in seconds (a month counts as 28 days), so
+#: that ``span / period`` over-estimates the number of periods a rule steps through.
+_FREQ_SECONDS = {"SECONDLY": 1, "MINUTELY": 60, "HOURLY": 3600, "DAILY": 86_400,
+                 "WEEKLY": 7 * 86_400, "MONTHLY": 28 * 86_400, "YEARLY": 365 * 86_400}
+#: How many days one BYDAY value can select in one period of this FREQ.
+_BYDAY_SPREAD = {"MONTHLY": 5, "YEARLY": 53}
+
+Interval = tuple[datetime, datetime]
+
+
+@dataclass(frozen=True)
+class IcsConfig:
+    """One workspace's validated provider_config."""
+
+    url: str | None
+    path: str | None
+    timezone: ZoneInfo
+    #: Working hours by weekday (0 = Monday): sorted (start, end) minutes since midnight.
+    hours: tuple[tuple[tuple[int, int], ...], ...]
+    slot_minutes: int
+    min_notice_minutes: int
+    token: str | None
+    headers: Mapping[str, str]
+
+
+def read_config(config: Mapping[str, Any], environ: Mapping[str, str]) -> IcsConfig:
+    """Validate ``config``; PermanentProviderError naming the key if it is unusable."""
+    reader = ConfigReader("ics", config, environ)
+    reader.only(_KEYS)
+    url_text = reader.text("url")
+    path = reader.text("path")
+    if (url_text is None) == (path is None):
+        raise PermanentProviderError("ics: provider_config needs exactly one of url and path")
+    if path is not None:
+        url_only = sorted({"token", "token_env", "headers"} & set(config))
+        if url_only:
+            raise PermanentProviderError(
+                f"ics: provider_config.{url_only[0]} applies to url feeds only, not to path"
+            )
+        if "\x00" in path:
+            raise reader.error("path", "a file name without NUL characters")
+        if not environ.get(FILE_ROOT_ENV):
+            raise PermanentProviderError(
+                f"ics: provider_config.path needs {FILE_ROOT_ENV} set in the job's environment "
+                "(local feeds are read only from inside that directory)"
+            )
+    headers = reader.headers("headers")
+    token = reader.secret(required=False)
+    if token is not None and any(name.lower() == "authorization" for name in headers):
+        raise PermanentProviderError(
+            "ics: set provider_config.token/token_env or an Authorization header, not both"
+        )
+    return IcsConfig(
+        url=None if url_text is None else _feed_url(reader, url_text),
+        path=path,
+        timezone=_zone(reader),
+        hours=_hours(reader, config.get("hours", DEFAULT_HOURS)),
+        slot_minutes=reader.integer("slot_minutes", default=30, lo=5, hi=480),
+        min_notice_minutes=reader.integer("min_notice_minutes", default=0, lo=0,
+                                          hi=366 * 24 * 60),
+        token=token,
+        headers=headers,
+    )
+
+
+def _feed_url(reader: ConfigReader, text: str) -> str:
+    # Never echo the URL: private feed addresses carry their secret in the path.
+    parts = urlsplit(text)
+    scheme = parts.scheme.lower()
+    if scheme == "webcal":  # a calendar-app alias for https
+        parts = parts._replace(scheme="https")
+    elif scheme not in ("http", "https"):
+        raise reader.error("url", "an absolute http, https or webcal URL")
+    if not parts.hostname:
+        raise reader.error("url", "an absolute http, https or webcal URL")
+    if parts.username or parts.password:
+        raise reader.error("url", "a URL without credentials (use token or token_env)")
+    return urlunsplit(parts)
+
+
+def _zone(reader: ConfigReader) -> ZoneInfo:
+    name = reader.required_text("timezone")
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        raise reader.error("timezone", f"an IANA time zone name like Europe/Berlin, got {name!r}"
+                           ) from None
+
+
+def _hours(reader: ConfigReader, value: Any) -> tuple[tuple[tuple[int, int], ...], ...]:
+    if not isinstance(value, Mapping):
+        raise reader.error("hours", _HOURS_SHAPE)
+    unknown = sorted(str(key) for key in value if key not in DAYS)
+    if unknown:
+        raise PermanentProviderError(
+            f"ics: provider_config.hours has an unknown day {unknown[0]!r}; "
+            f"days are {', '.join(DAYS)}"
+        )
+    week: list[tuple[tuple[int, int], ...]] = []
+    for day in DAYS:
+        intervals = value.get(day, ())
+        if not isinstance(intervals, list | tuple):
+            raise reader.error(f"hours.{day}", 'a list of ["HH:MM", "HH:MM"] intervals')
+        parsed: list[tuple[int, int]] = []
+        for i, pair in enumerate(intervals):
+            if (
+                not isinstance(pair, list | tuple) or len(pair) != 2
+                or not all(isinstance(t, str) and _HHMM.fullmatch(t) for t in pair)
+                or _minutes(pair[0]) >= _minutes(pair[1])
+            ):
+                raise reader.error(
+                    f"hours.{day}[{i}]",
+                    'a pair ["HH:MM", "HH:MM"] from 00:00 to 24:00 with the start first',
+                )
+            parsed.append((_minutes(pair[0]), _minutes(pair[1])))
+        parsed.sort()
+        if any(earlier[1] > later[0] for earlier, later in zip(parsed, parsed[1:], strict=False)):
+            raise reader.error(f"hours.{day}", "intervals that do not overlap")
+        week.append(tuple(parsed))
+    return tuple(week)
+
+
+def _minutes(hhmm: str) -> int:
+    hours, minutes = hhmm.split(":")
+    return int(hours) * 60 + int(minutes)
+
+
+class IcsProvider(Provider):
+    """Free slots on the workspace's working hours, minus the busy time of an iCalendar feed."""
+
+    name = "ics"
+
+    def validate_config(self, config: Mapping[str, Any]) -> None:
+        read_config(config, self.context.environ)
+
+    def fetch(self, request: FetchRequest) -> list[datetime]:
+        config = read_config(request.config, self.context.environ)
+        if config.url is not None:
+            text = self._download(request, config, config.url)
+        else:
+            assert config.path is not None
+            text = read_feed_file(config.path, self.context.environ)
+        calendar = parse_calendar(text)
+        busy = busy_intervals(calendar, config.timezone, request.window_start - QUERY_PADDING,
+                              request.window_end + QUERY_PADDING)
+        not_before = request.window_start + timedelta(minutes=config.min_notice_minutes)
+        return free_slots(config, busy, request.window_start, request.window_end, not_before)
+
+    def _download(self, request: FetchRequest, config: IcsConfig, url: str) -> str:
+        headers = {"Accept": "text/calendar, text/plain;q=0.9, */*;q=0.5", **config.headers}
+        if config.token is not None:
+            headers["Authorization"] = f"Bearer {config.token}"
+        text: str = self.context.http.get(
+            request, url, what=f"ics: GET {feed_label(url)}", parse_json=False,
+            follow_redirects=True, headers=headers,
+        )
+        return text
+
+
+def feed_label(url: str) -> str:
+    """Host and path of ``url`` for messages, with secret-looking path segments hidden.
+
+    Private feed addresses (Google's ``private-<key>``, iCloud's and Outlook's long
+    tokens) carry their secret in the path, so any segment longer than 16 characters or
+    starting with private/secret/token/key is shown as "…"; the query is never shown.
+    """
+    parts = urlsplit(url)
+    segments = [
+        s if len(s) <= 16 and not s.lower().startswith(("private", "secret", "token", "key"))
+        else "…"
+        for s in parts.path.split("/")
+    ]
+    return parts.netloc + ("/".join(segments) or "/")
+
+
+def read_feed_file(path: str, environ: Mapping[str, str]) -> str:
+    """The text of ``path``, resolved inside the FILE_ROOT_ENV directory; never echoes it.
+
+    Symlinks and ``..`` are resolved first, and anything that lands outside the root
+    (or on the root itself) is refused; the final component is opened without following
+    a symlink, so one swapped in after the check is refused too. Only regular files of
+    at most MAX_BODY_BYTES are read (a FIFO would otherwise block the worker).
+    """
+    root_text = environ.get(FILE_ROOT_ENV)
+    if not root_text:
+        raise PermanentProviderError(
+            f"ics: provider_config.path needs {FILE_ROOT_ENV} set in the job's environment"
+        )
+    try:
+        root = Path(root_text).resolve()
+        target = (root / path).resolve()
+    except (OSError, RuntimeError, ValueError):  # RuntimeError: a symlink loop
+        raise PermanentProviderError("ics: provider_config.path cannot be resolved") from None
+    if not root.is_dir():
+        raise PermanentProviderError(f"ics: {FILE_ROOT_ENV} does not name a directory")
+    if target == root or not target.is_relative_to(root):
+        raise PermanentProviderError(
+            f"ics: provider_config.path must name a file inside {FILE_ROOT_ENV}; "
+            "it resolves to a place outside that directory"
+        )
+    flags = (os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+             | getattr(os, "O_CLOEXEC", 0))
+    try:
+        fd = os.open(target, flags)
+    except FileNotFoundError:
+        raise PermanentProviderError(
+            f"ics: provider_config.path names no file inside {FILE_ROOT_ENV}"
+        ) from None
+    except PermissionError:
+        raise PermanentProviderError(
+            "ics: provider_config.path cannot be read: permission denied"
+        ) from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise PermanentProviderError(
+                "ics: provider_config.path is a symlink that changed after it was checked"
+            ) from None
+        code = errno.errorcode.get(exc.errno or 0, "error")
+        raise RetryableProviderError(f"ics: reading provider_config.path failed ({code})"
+                                     ) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise PermanentProviderError("ics: provider_config.path is not a regular file")
+        chunks: list[bytes] = []
+        size = 0
+        while size <= MAX_BODY_BYTES:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    if size > MAX_BODY_BYTES:
+        raise PermanentProviderError(
+            f"ics: provider_config.path is larger than {MAX_BODY_BYTES} bytes"
+        )
+    return b"".join(chunks).decode("utf-8", errors="replace")
+
+
+def parse_calendar(text: str) -> icalendar.Calendar:
+    """The VCALENDAR in ``text``; PermanentProviderError otherwise.
+
+    Messages never quote the feed (the parser's own do, so only its type is kept).
+    """
+    invalid = "ics: the feed is not a valid iCalendar file: "
+    if not text.lstrip("\ufeff \t\r\n").upper().startswith("BEGIN:VCALENDAR"):
+        raise PermanentProviderError(invalid + "it does not start with BEGIN:VCALENDAR")
+    try:
+        calendar = icalendar.Calendar.from_ical(text)
+    except _DATA_ERRORS as exc:
+        raise PermanentProviderError(
+            f"{invalid}it could not be parsed ({type(exc).__name__})"
+        ) from None
+    if not isinstance(calendar, icalendar.Calendar):
+        raise PermanentProviderError(invalid + "it holds no single VCALENDAR")
+    return calendar
+
+
+def busy_intervals(calendar: icalendar.Calendar, zone: ZoneInfo, start: datetime,
+                   end: datetime) -> list[Interval]:
+    """The busy time of ``calendar`` between ``start`` and ``end``: sorted, merged, in UTC.
+
+    Busy is every VEVENT occurrence overlapping the span that is neither transparent nor
+    cancelled. Dates are whole local days in ``zone`` (DTEND exclusive, one day when it
+    is missing); floating times are wall-clock times in ``zone``. Raises
+    PermanentProviderError for a feed that cannot be expanded or is too large to.
+    """
+    _check_expansion_cost(calendar, zone, start, end)
+    try:
+        # An unknown X-WR-TIMEZONE would fail the whole feed inside the library; a feed
+        # naming a zone nobody knows is better read as if it named none.
+        x_wr = calendar.get("X-WR-TIMEZONE")
+        if x_wr is not None and _known_zone(str(x_wr)) is None:
+            del calendar["X-WR-TIMEZONE"]
+        occurrences = recurring_ical_events.of(calendar).between(start, end)
+        if len(occurrences) > MAX_OCCURRENCES:
+            raise PermanentProviderError(
+                f"ics: the feed has {len(occurrences)} event occurrences in the window; "
+                f"the limit is {MAX_OCCURRENCES}"
+            )
+        intervals: list[Interval] = []
+        for event in occurrences:
+            if (str(event.get("TRANSP", "")).strip().upper() == "TRANSPARENT"
+                    or str(event.get("STATUS", "")).strip().upper() == "CANCELLED"):
+                continue
+            begin, finish = _instant(event.start, zone), _instant(event.end, zone)
+            if finish > begin:  # a zero-length event blocks no time
+                intervals.append((begin, finish))
+    except _DATA_ERRORS as exc:
+        raise PermanentProviderError(
+            f"ics: the feed has an event that cannot be read or expanded ({type(exc).__name__})"
+        ) from None
+    return _merge(intervals)
+
+
+def _known_zone(name: str) -> ZoneInfo | None:
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        return None
+
+
+def _instant(value: date | datetime, zone: ZoneInfo) -> datetime:
+    """A DATE is local midnight in ``zone``; a floating DATE-TIME is wall-clock in ``zone``."""
+    if isinstance(value, datetime):
+        if value.tzinfo is None or value.utcoffset() is None:
+            value = value.replace(tzinfo=zone)
+        return value.astimezone(UTC)
+    return datetime.combine(value, time(0), tzinfo=zone).astimezone(UTC)
+
+
+def _merge(intervals: list[Interval]) -> list[Interval]:
+    merged: list[Interval] = []
+    for begin, finish in sorted(intervals):
+        if merged and begin <= merged[-1][1]:
+            if finish > merged[-1][1]:
+                merged[-1] = (merged[-1][0], finish)
+        else:
+            merged.append((begin, finish))
+    return merged
+
+
+def _check_expansion_cost(calendar: icalendar.Calendar, zone: ZoneInfo, start: datetime,
+                          end: datetime) -> None:
+    """Refuse, before expanding, recurrence rules too costly to expand.
+
+    The estimate is generous (every BY* value multiplies, a month is 28 days), so a
+    real calendar stays far below the limits; unreadable rules are left to the
+    expansion, which reports them.
+    """
+    steps = in_window = 0
+    for event in calendar.walk("VEVENT"):
+        rules = event.get("RRULE")
+        if not rules or not isinstance(event, icalendar.Event):
+            continue
+        try:
+            first = _instant(event.start, zone)
+            for rule in rules if isinstance(rules, list) else [rules]:
+                total, window = _rule_cost(rule, first, zone, start, end)
+                steps += total
+                in_window += window
+        except _DATA_ERRORS:
+            continue
+    if in_window > MAX_OCCURRENCES:
+        raise PermanentProviderError(
+            f"ics: the feed's recurrence rules have more than {MAX_OCCURRENCES} event "
+            "occurrences in the window"
+        )
+    if steps > MAX_RULE_STEPS:
+        raise PermanentProviderError(
+            "ics: the feed's recurrence rules are too costly to expand (estimated "
+            f"{steps} steps from their first occurrence; the limit is {MAX_RULE_STEPS})"
+        )
+
+
+def _rule_cost(rule: Mapping[str, list[Any]], first: datetime, zone: ZoneInfo,
+               start: datetime, end: datetime) -> tuple[int, int]:
+    """Upper bounds on (occurrences from ``first`` to ``end``, occurrences in the span)."""
+    freq = str(rule["FREQ"][0]).upper()
+    period = _FREQ_SECONDS[freq] * max(1, int(rule.get("INTERVAL", [1])[0]))
+    per_period = 1
+    for key, values in rule.items():
+        if key.startswith("BY") and key != "BYSETPOS":
+            per_period *= len(values) * (_BYDAY_SPREAD.get(freq, 1) if key == "BYDAY" else 1)
+    stop = end
+    if rule.get("UNTIL"):
+        stop = min(stop, _instant(rule["UNTIL"][0], zone))
+
+    def periods(begin: datetime) -> int:
+        return 0 if stop < begin else int((stop - begin).total_seconds() // period) + 1
+
+    total, window = periods(first), periods(max(first, start))
+    if rule.get("COUNT"):
+        count = int(rule["COUNT"][0])
+        total, window = min(total, count), min(window, count)
+    return total * per_period, window * per_period
+
+
+def free_slots(config: IcsConfig, busy: Sequence[Interval], window_start: datetime,
+               window_end: datetime, not_before: datetime) -> list[datetime]:
+    """Slot starts (UTC) on the working hours of each local day that no busy time touches.
+
+    Slots step by ``slot_minutes`` from each working interval's start and must end (in
+    wall-clock time) by the interval's end; a slot is free when ``[start, start +
+    slot_minutes)`` overlaps no ``busy`` interval. Wall-clock times are converted per
+    day, so daylight-saving changes are followed: a time in the spring-forward gap does
+    not exist and is skipped; a time repeated at fall-back is taken once, at its first
+    occurrence (fold=0). Only starts in ``[window_start, window_end)`` and not before
+    ``not_before`` are returned.
+    """
+    zone = config.timezone
+    length = timedelta(minutes=config.slot_minutes)
+    busy_starts = [begin for begin, _ in busy]
+    day = window_start.astimezone(zone).date()
+    last_day = window_end.astimezone(zone).date()
+    slots: list[datetime] = []
+    while day <= last_day:
+        for open_at, close_at in config.hours[day.weekday()]:
+            for minute in range(open_at, close_at - config.slot_minutes + 1,
+                                config.slot_minutes):
+                instant = _wall_clock_utc(day, minute, zone)
+                if (
+                    instant is None
+                    or not window_start <= instant < window_end
+                    or instant < not_before
+                    or _overlaps(busy, busy_starts, instant, instant + length)
+                ):
+                    continue
+                slots.append(instant)
+        day += timedelta(days=1)
+    return slots
+
+
+def _wall_clock_utc(day: date, minute: int, zone: ZoneInfo) -> datetime | None:
+    """``day`` at ``minute`` past midnight in ``zone``, in UTC; None if that time does not exist.
+
+    fold=0 (the default) picks the first of two occurrences of an ambiguous time.
+    """
+    wall = datetime.combine(day, time(minute // 60, minute % 60))
+    instant = wall.replace(tzinfo=zone).astimezone(UTC)
+    if instant.astimezone(zone).replace(tzinfo=None) != wall:
+        return None  # in the spring-forward gap: the clock never shows this time
+    return instant
+
+
+def _overlaps(busy: Sequence[Interval], starts: Sequence[datetime], begin: datetime,
+              finish: datetime) -> bool:
+    # busy is merged (sorted, disjoint), so only the last interval starting before
+    # ``finish`` can reach into [begin, finish).
+    i = bisect.bisect_left(starts, finish) - 1
+    return i >= 0 and busy[i][1] > begin
