@@ -57,9 +57,10 @@ class PermanentProviderError(ProviderError):
 
 
 def _new_http_session() -> HttpSession:
+    from .. import __version__
     from ._http import HttpSession  # _http imports this module: import when first needed
 
-    return HttpSession()
+    return HttpSession(user_agent=f"availability-cron/{__version__} (calendar availability cache)")
 
 
 @dataclass(frozen=True)
