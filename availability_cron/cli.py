@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn  # noqa: E402
 import typer  # noqa: E402
 
 from .errors import AvailabilityCronError, ConfigError  # noqa: E402
-from .settings import SPEC_BY_FIELD, Settings, load_settings, read_env_file, scrub  # noqa: E402
+from .settings import SPEC_BY_FIELD, SPECS, Settings, load_settings, read_env_file, scrub  # noqa: E402
 
 if TYPE_CHECKING:
     from .refresh import Runtime
@@ -218,6 +218,10 @@ def _check_database_url(settings: Settings) -> None:
         _usage_error(scrub(exc.message, settings.secrets()))
 
 
+_ENV_ONLY_HELP = " ".join(
+    f"{s.env}: {s.help}" for s in SPECS if s.flag is None
+)
+
 REFRESH_HELP = f"""Refresh the due caches once: the job cron runs every minute.
 
 Takes the advisory lock (another run holding it: prints skipped:true, exits 0), plans due
@@ -225,6 +229,8 @@ caches stalest first with a share reserved for workspaces that have no cache yet
 refreshes them on a thread pool within the time budget, writes each result, and prints
 one JSON summary on stdout (logs go to stderr). Provider errors are counted and stored
 per workspace; they do not fail the run.
+
+Set only in the environment or env file: {_ENV_ONLY_HELP}
 
 {EXIT_CODES_HELP}
 """

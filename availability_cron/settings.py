@@ -86,6 +86,13 @@ def _lock_name(name: str, raw: str) -> str:
     return value
 
 
+def _directory(name: str, raw: str) -> str:
+    path = Path(raw.strip())
+    if not path.is_absolute() or not path.is_dir():
+        raise ConfigError(f"{name} must be the absolute path of an existing directory, got {raw!r}")
+    return str(path)
+
+
 def _log_level(name: str, raw: str) -> str:
     value = raw.strip().upper()
     if value not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
@@ -137,6 +144,10 @@ SPECS: tuple[Spec, ...] = (
          "Table or view listing the workspaces (may be schema-qualified)."),
     Spec("log_level", "AVAILABILITY_CRON_LOG_LEVEL", "--log-level", "INFO", _log_level,
          "Log level of the stderr log: DEBUG, INFO, WARNING or ERROR."),
+    # Read by the ics provider from the environment; declared here so that a bad value is
+    # refused up front like every other setting.
+    Spec("ics_file_root", "AVAILABILITY_CRON_ICS_FILE_ROOT", None, None, _directory,
+         "Directory under which ics workspaces may name feed files (unset: none may)."),
 )
 
 SPEC_BY_FIELD = {s.field: s for s in SPECS}
@@ -158,6 +169,7 @@ class Settings:
     lock_name: str
     source_table: str
     log_level: str
+    ics_file_root: str | None
     #: field name -> one of SOURCES
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 

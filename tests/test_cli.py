@@ -58,6 +58,7 @@ BAD_VALUES: dict[str, list[str]] = {
     "lock_name": ["x" * 201],
     "source_table": ["a.b.c", "1table", "bad-name", "ws; DROP TABLE x"],
     "log_level": ["LOUD", "trace"],
+    "ics_file_root": ["relative/feeds", "/nonexistent/availability-cron-feeds"],
 }
 
 BAD_SETTING_CASES = [
