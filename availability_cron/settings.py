@@ -69,6 +69,15 @@ def _database_url(name: str, raw: str) -> str:
     )
 
 
+def _http_url(name: str, raw: str) -> str:
+    value = raw.strip()
+    parts = urllib.parse.urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"{name} must be an http or https URL (value not shown: it may hold "
+                          "a secret)")
+    return value.rstrip("/")
+
+
 def _relation(name: str, raw: str) -> str:
     parts = raw.strip().split(".")
     if len(parts) > 2 or not all(_IDENT.match(p) for p in parts):
@@ -144,6 +153,15 @@ SPECS: tuple[Spec, ...] = (
          "Table or view listing the workspaces (may be schema-qualified)."),
     Spec("log_level", "AVAILABILITY_CRON_LOG_LEVEL", "--log-level", "INFO", _log_level,
          "Log level of the stderr log: DEBUG, INFO, WARNING or ERROR."),
+    Spec("lock_database_url", "AVAILABILITY_CRON_LOCK_DATABASE_URL", "--lock-database-url",
+         None, _database_url,
+         "Separate URL for the lock's session (same database, direct or session-mode "
+         "pooler), when DATABASE_URL goes through a transaction-mode pooler."),
+    Spec("run_retention_days", "AVAILABILITY_CRON_RUN_RETENTION_DAYS", None, "7",
+         _int_in(1, 366),
+         "Days of run history kept in availability_cron_runs (older rows are pruned)."),
+    Spec("ping_url", "AVAILABILITY_CRON_PING_URL", None, None, _http_url,
+         "Dead-man's-switch URL (Healthchecks.io protocol): /start, success, /fail."),
     # Read by the ics provider from the environment; declared here so that a bad value is
     # refused up front like every other setting.
     Spec("ics_file_root", "AVAILABILITY_CRON_ICS_FILE_ROOT", None, None, _directory,
@@ -169,6 +187,9 @@ class Settings:
     lock_name: str
     source_table: str
     log_level: str
+    lock_database_url: str | None
+    run_retention_days: int
+    ping_url: str | None
     ics_file_root: str | None
     #: field name -> one of SOURCES
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
@@ -187,8 +208,13 @@ class Settings:
         return self.database_url
 
     def secrets(self) -> list[str]:
-        """Strings that must never be printed (passwords inside the URLs)."""
-        return url_secrets(self.database_url)
+        """Strings that must never be printed: passwords inside the URLs, the ping URL's path
+        (a Healthchecks check URL is a credential: whoever has it can ping)."""
+        found = url_secrets(self.database_url) + url_secrets(self.lock_database_url)
+        if self.ping_url:
+            path = urllib.parse.urlsplit(self.ping_url).path.strip("/")
+            found += [p for p in [path, *path.split("/")] if len(p) >= 8]
+        return sorted(set(found), key=len, reverse=True)
 
 
 def read_env_file(path: Path | None, cwd: Path) -> dict[str, str]:

@@ -13,6 +13,10 @@ from helpers import CLI, add_workspace, cache_row, clean_env, run_cli
 
 from availability_cron import db
 
+#: Every shipped migration, in order, as `db migrate` reports them.
+ALL_MIGRATIONS = [f"{m.version:04d}_{m.name}" for m in db.available_migrations()]
+LATEST = db.latest_migration()
+
 #: The public data contract: column -> (type, NOT NULL, default expression or None).
 CACHE_CONTRACT = {
     "workspace_id": ("text", True, None),
@@ -85,13 +89,13 @@ def waiting_for_advisory_lock(conn: psycopg.Connection[Any], key: int) -> int:
 
 
 @pytest.mark.e2e
-def test_migrate_on_an_empty_database_creates_the_schema_and_records_version_1(
+def test_migrate_on_an_empty_database_creates_the_schema_and_records_every_version(
     empty_database_url,
 ):
     code, out, err = migrate_cli(empty_database_url)
 
     assert code == 0, err
-    assert out == {"success": True, "applied": ["0001_initial"], "schemaVersion": 1}
+    assert out == {"success": True, "applied": ALL_MIGRATIONS, "schemaVersion": LATEST}
     with psycopg.connect(empty_database_url, autocommit=True) as conn:
         assert {"availability_workspaces", "workspace_availability_cache",
                 "availability_cron_migrations"} <= public_tables(conn)
@@ -101,7 +105,7 @@ def test_migrate_on_an_empty_database_creates_the_schema_and_records_version_1(
         assert any("(stale_at" in d for d in indexdefs), indexdefs
         ledger = conn.execute(
             "SELECT version, name FROM availability_cron_migrations").fetchall()
-        assert ledger == [(1, "initial")]
+        assert ledger == [(m.version, m.name) for m in db.available_migrations()]
 
 
 @pytest.mark.e2e
@@ -111,11 +115,11 @@ def test_migrate_twice_applies_nothing_the_second_time(empty_database_url):
 
     assert first_code == 0, first_err
     assert second_code == 0, second_err
-    assert first["applied"] == ["0001_initial"]
-    assert second == {"success": True, "applied": [], "schemaVersion": 1}
+    assert first["applied"] == ALL_MIGRATIONS
+    assert second == {"success": True, "applied": [], "schemaVersion": LATEST}
     with psycopg.connect(empty_database_url, autocommit=True) as conn:
         rows = conn.execute("SELECT count(*) FROM availability_cron_migrations").fetchone()
-        assert rows == (1,)
+        assert rows == (len(ALL_MIGRATIONS),)
 
 
 @pytest.mark.e2e
@@ -148,9 +152,10 @@ def test_two_migrate_processes_at_once_both_succeed_and_apply_the_schema_once(
 
         assert [p.returncode for p in procs] == [0, 0], [err for _, err in outputs]
         applied = sorted(json.loads(out)["applied"] for out, _ in outputs)
-        assert applied == [[], ["0001_initial"]]
-        ledger = gate.execute("SELECT version FROM availability_cron_migrations").fetchall()
-        assert ledger == [(1,)]
+        assert applied == [[], ALL_MIGRATIONS]
+        ledger = gate.execute(
+            "SELECT version FROM availability_cron_migrations ORDER BY version").fetchall()
+        assert ledger == [(m.version,) for m in db.available_migrations()]
 
 
 @pytest.mark.e2e

@@ -99,6 +99,7 @@ OUT_OF_RANGE = {
     "AVAILABILITY_LOOKAHEAD_DAYS": ["0", "367"],
     "AVAILABILITY_CRON_MISSING_RESERVE": ["1.01", "nan", "inf"],
     "AVAILABILITY_CRON_MAX_BACKOFF_MS": ["999", str(7 * 86_400_000 + 1)],
+    "AVAILABILITY_CRON_RUN_RETENTION_DAYS": ["0", "367"],
 }
 NUMERIC_SPECS = [s for s in SPECS if s.default is not None and s.default.replace(".", "").isdigit()]
 BAD_NUMBERS = [
