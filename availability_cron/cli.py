@@ -18,6 +18,7 @@ import socket  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 import uuid  # noqa: E402
+from contextlib import nullcontext  # noqa: E402
 from enum import IntEnum, StrEnum  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn  # noqa: E402
@@ -25,10 +26,16 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn  # noqa: E402
 import typer  # noqa: E402
 
 from .errors import AvailabilityCronError, ConfigError  # noqa: E402
+from .ping import TIMEOUT_SECONDS as PING_TIMEOUT_SECONDS  # noqa: E402  (stdlib-only module)
 from .settings import SPEC_BY_FIELD, SPECS, Settings, load_settings, read_env_file, scrub  # noqa: E402
 
 if TYPE_CHECKING:
-    from .refresh import Runtime
+    from collections.abc import Callable
+    from contextlib import AbstractContextManager
+
+    from .metrics import StalenessReport, WorkspaceStaleness
+    from .ping import Pinger
+    from .refresh import RunSummary, Runtime, SweepProgress
 
 log = logging.getLogger("availability_cron")
 
@@ -47,8 +54,16 @@ class ExitCode(IntEnum):
 
 
 class OutputFormat(StrEnum):
+    auto = "auto"
     json = "json"
     table = "table"
+
+
+def _resolve_format(output: OutputFormat) -> OutputFormat:
+    """auto: a table for a person (stdout is a terminal), JSON for cron, pipes and files."""
+    if output is OutputFormat.auto:
+        return OutputFormat.table if sys.stdout.isatty() else OutputFormat.json
+    return output
 
 
 EXIT_CODES_HELP = (
@@ -90,8 +105,10 @@ EnvFile = Annotated[
 DatabaseUrl = Annotated[str | None, _setting("database_url")]
 LogLevel = Annotated[str | None, _setting("log_level")]
 SourceTable = Annotated[str | None, _setting("source_table")]
-Format = Annotated[OutputFormat, typer.Option("--format", help="json (one object on stdout) or "
-                                              "table (for people).")]
+Format = Annotated[OutputFormat, typer.Option(
+    "--format", help="auto (the default): a table when stdout is a terminal, else JSON, so "
+    "cron, pipes and files always get JSON; json: always one JSON object on stdout; table: "
+    "always a table. Colour follows NO_COLOR.")]
 
 
 def _process_start_monotonic() -> float:
@@ -152,8 +169,12 @@ def _configure_logging(level: str, run_id: str | None = None,
     logging.getLogger("httpcore").setLevel(logging.WARNING)
 
 
+def _json(obj: dict[str, object]) -> str:
+    return json.dumps(obj, separators=(",", ":"), default=str)
+
+
 def _print_json(obj: dict[str, object]) -> None:
-    sys.stdout.write(json.dumps(obj, separators=(",", ":"), default=str) + "\n")
+    sys.stdout.write(_json(obj) + "\n")
     sys.stdout.flush()
 
 
@@ -195,6 +216,12 @@ def _runtime(settings: Settings, run_id: str, started: float,
 
     def connect(purpose: str) -> db.Connection:
         name = f"availability-cron {purpose} run={run_id} pid={os.getpid()} host={host}"
+        if purpose == "lock" and settings.lock_database_url:
+            # The lock needs a real session: a direct URL or a session-mode pooler, when
+            # DATABASE_URL goes through a transaction-mode pooler (docs/operations.md).
+            return db.connect(settings.lock_database_url, application_name=name,
+                              secrets=settings.secrets(),
+                              name="AVAILABILITY_CRON_LOCK_DATABASE_URL")
         return db.connect(url, application_name=name, secrets=settings.secrets())
 
     return Runtime(
@@ -214,6 +241,8 @@ def _check_database_url(settings: Settings) -> None:
 
     try:
         db.check_url(settings.require_database_url())
+        if settings.lock_database_url:
+            db.check_url(settings.lock_database_url, name="AVAILABILITY_CRON_LOCK_DATABASE_URL")
     except ConfigError as exc:
         _usage_error(scrub(exc.message, settings.secrets()))
 
@@ -228,7 +257,13 @@ Takes the advisory lock (another run holding it: prints skipped:true, exits 0), 
 caches stalest first with a share reserved for workspaces that have no cache yet,
 refreshes them on a thread pool within the time budget, writes each result, and prints
 one JSON summary on stdout (logs go to stderr). Provider errors are counted and stored
-per workspace; they do not fail the run.
+per workspace; they do not fail the run. At a terminal, the summary is a table (see
+--format) and a progress bar shows on stderr; under cron, neither.
+
+With AVAILABILITY_CRON_PING_URL set, the run pings that dead-man's switch (Healthchecks
+protocol) at its start and its end: success for exit 0 (skipped included), /fail
+otherwise; --dry-run and --workspace runs do not ping. The pings delay the end of a run by
+at most {PING_TIMEOUT_SECONDS:.0f} s and never change the exit code.
 
 Set only in the environment or env file: {_ENV_ONLY_HELP}
 
@@ -254,25 +289,28 @@ def refresh(
     missing_reserve: Annotated[float | None, _setting("missing_reserve")] = None,
     max_backoff_ms: Annotated[int | None, _setting("max_backoff_ms")] = None,
     lock_name: Annotated[str | None, _setting("lock_name")] = None,
-    output: Format = OutputFormat.json,
+    lock_database_url: Annotated[str | None, _setting("lock_database_url")] = None,
+    output: Format = OutputFormat.auto,
     env_file: EnvFile = None,
     database_url: DatabaseUrl = None,
     source_table: SourceTable = None,
     log_level: LogLevel = None,
 ) -> None:
     started = _process_start_monotonic()
-    run_id = uuid.uuid4().hex[:12]
+    run_uuid = uuid.uuid4()  # also the dead-man's-switch rid: runId is its first 12 hex digits
+    run_id = run_uuid.hex[:12]
     if dry_run and workspace is not None:
         _usage_error("--dry-run and --workspace cannot be combined")
     settings, environ = _load_with_environ(
         env_file, limit=limit, concurrency=concurrency, time_budget_ms=time_budget_ms,
         deadline_margin_ms=deadline_margin_ms, cache_ttl_ms=cache_ttl_ms,
         lookahead_days=lookahead_days, missing_reserve=missing_reserve,
-        max_backoff_ms=max_backoff_ms, lock_name=lock_name,
+        max_backoff_ms=max_backoff_ms, lock_name=lock_name, lock_database_url=lock_database_url,
         database_url=database_url, source_table=source_table, log_level=log_level,
     )
     _check_database_url(settings)
     _configure_logging(settings.log_level, run_id, settings.secrets())
+    output = _resolve_format(output)
 
     from .refresh import RunSummary, refresh_workspace, run_refresh
     from .refresh import dry_run as plan_only
@@ -280,6 +318,9 @@ def refresh(
 
     default_source = str(specs["source_table"].default)
     rt = _runtime(settings, run_id, started, environ)
+    # The dead-man's switch watches the cron run only: a dry run does nothing, and a manual
+    # --workspace run must neither page anyone nor stand in for a cron run that is missing.
+    pinger = None if dry_run or workspace is not None else _start_ping(settings, run_uuid)
     code = ExitCode.OK
     try:
         if dry_run:
@@ -292,11 +333,15 @@ def refresh(
         if workspace is not None:
             summary = refresh_workspace(settings, rt, workspace, default_source=default_source)
         else:
-            summary = run_refresh(settings, rt, default_source=default_source)
+            with _progress_display() as on_progress:
+                summary = run_refresh(settings, rt, default_source=default_source,
+                                      on_progress=on_progress)
         if not summary.success:
             code = ExitCode.FAILURE
             sys.stderr.write(f"availability-cron: failed: {summary.error}\n")
     except ConfigError as exc:
+        if pinger is not None:
+            pinger.finish(scrub(exc.message, settings.secrets()), ok=False)
         _usage_error(scrub(exc.message, settings.secrets()))
     except Exception as exc:  # a real failure: say what (never a secret), still print JSON
         if isinstance(exc, AvailabilityCronError):
@@ -318,8 +363,53 @@ def refresh(
         _print_table("availability-cron refresh", summary.as_json())
     else:
         _print_json(summary.as_json())
+    if pinger is not None:  # after the summary is out; bounded, and never changes the code
+        pinger.finish(_json(summary.as_json()), ok=code == ExitCode.OK)
+    _record_run(settings, rt, summary)  # best effort: never changes the code or the output
     log.info("run finished: %s", "ok" if code == ExitCode.OK else "failed")
     _exit(code)
+
+
+def _start_ping(settings: Settings, run_uuid: uuid.UUID) -> Pinger | None:
+    """The run's dead-man's-switch pings (ping.py), started; None when no URL is set."""
+    if not settings.ping_url:
+        return None
+    from . import __version__
+    from .ping import pinger
+
+    found = pinger(settings.ping_url, run_uuid, user_agent=f"availability-cron/{__version__}")
+    if found is not None:
+        found.start()
+    return found
+
+
+def _progress_display() -> AbstractContextManager[Callable[[SweepProgress], None] | None]:
+    """A live progress bar on stderr for a person watching; nothing when stderr is not a
+    terminal (cron's log, a file, a pipe), so logs stay one line per record."""
+    if not sys.stderr.isatty():
+        return nullcontext(None)
+    from .console import LiveProgress
+
+    return LiveProgress()
+
+
+def _record_run(settings: Settings, rt: Runtime, summary: RunSummary) -> None:
+    """Append the run to the run history (history.record_best_effort: never raises).
+
+    One connection attempt only: when the database is what just failed, the process must
+    not spend another retry cycle before exiting.
+    """
+    from . import db
+    from .history import CONNECT_TIMEOUT_SECONDS, record_best_effort
+
+    host = socket.gethostname().split(".")[0]
+    name = f"availability-cron history run={rt.run_id} pid={os.getpid()} host={host}"
+    record_best_effort(
+        lambda: db.connect(settings.require_database_url(), application_name=name,
+                           secrets=settings.secrets(), attempts=1,
+                           connect_timeout=CONNECT_TIMEOUT_SECONDS),
+        summary, settings, host=host, pid=os.getpid(), now=rt.clock,
+    )
 
 
 def _exit(code: ExitCode) -> NoReturn:
@@ -373,19 +463,59 @@ def _print_dry_run_table(data: dict[str, Any]) -> None:
     console.print(table)
 
 
-METRICS_HELP = f"""Print the staleness report: ages measured from the last successful refresh.
+class MetricsFormat(StrEnum):
+    auto = "auto"
+    json = "json"
+    table = "table"
+    prometheus = "prometheus"
+
+
+METRICS_HELP = f"""Print the staleness report (ages measured from the last successful refresh)
+and the health of recent runs (from the run history).
 
 Keys: at, workspaces (enabled), caches, missingCaches, staleDue, erroringCaches,
 neverSucceeded, oldestSuccessAgeMinutes, oldestRangeStartAgeMinutes, successAgeP50Minutes,
-successAgeP95Minutes. Definitions: docs/architecture.md.
+successAgeP95Minutes, lastRunAt, lastCompletedRunAt, lastRefreshingRunAt, lockSkipStreak,
+runs24h, runsFailed24h, runsOverBudget24h, runDurationP50Ms, runDurationP95Ms; null where
+there is no data. Definitions: docs/architecture.md.
+
+--format prometheus prints the Prometheus text format (prefix availability_cron_, ages in
+seconds); --textfile PATH writes it atomically for node_exporter's textfile collector
+instead, printing nothing on stdout.
 
 {EXIT_CODES_HELP}
+
+Check mode: with --warn-after and --critical-after, it prints one Nagios status line and
+the exit codes follow the Nagios plugin convention instead: 0 OK, 1 WARNING, 2 CRITICAL,
+3 UNKNOWN (database unreachable, schema missing, no data at all). Invalid options still
+exit 2 before anything is checked.
 """
+
+MetricsFormatOption = Annotated[MetricsFormat, typer.Option(
+    "--format", help="auto (the default): a table when stdout is a terminal, else JSON; json; "
+    "table; prometheus: the Prometheus text exposition format.")]
+
+
+def _threshold(flag: str, level: str) -> Any:
+    return typer.Option(
+        flag, metavar="MINUTES", show_default=False, help=f"Check mode (Nagios exit codes, see "
+        f"above): {level} when the oldest success age, or the lock-skip streak read as minutes "
+        "(one skipped run a minute), is above this many minutes. Equal is not above.")
 
 
 @app.command(help=METRICS_HELP)
 def metrics(
-    output: Format = OutputFormat.json,
+    output: MetricsFormatOption = MetricsFormat.auto,
+    per_workspace: Annotated[bool, typer.Option(
+        "--per-workspace", help="With prometheus output: also an age and a failure series per "
+        "enabled workspace (one each per workspace: thousands on a large install).")] = False,
+    textfile: Annotated[Path | None, typer.Option(
+        "--textfile", metavar="PATH", dir_okay=False, show_default=False,
+        help="Write the Prometheus text to PATH atomically (temporary file, fsync, rename; "
+        "mode 0644) for node_exporter's textfile collector; nothing is printed on stdout. "
+        "On failure the previous file is left as it was.")] = None,
+    warn_after: Annotated[float | None, _threshold("--warn-after", "WARNING")] = None,
+    critical_after: Annotated[float | None, _threshold("--critical-after", "CRITICAL")] = None,
     env_file: EnvFile = None,
     database_url: DatabaseUrl = None,
     source_table: SourceTable = None,
@@ -393,12 +523,29 @@ def metrics(
 ) -> None:
     settings = _load(env_file, database_url=database_url, source_table=source_table,
                      log_level=log_level)
+    from .metrics import validate_thresholds
+
+    try:
+        thresholds = validate_thresholds(warn_after, critical_after)
+    except ConfigError as exc:
+        _usage_error(exc.message)
+    prometheus = output is MetricsFormat.prometheus or textfile is not None
+    if thresholds is not None and (output is not MetricsFormat.auto or per_workspace
+                                   or textfile is not None):
+        _usage_error("--warn-after/--critical-after print a status line: they cannot be "
+                     "combined with --format, --per-workspace or --textfile")
+    if textfile is not None and output not in (MetricsFormat.auto, MetricsFormat.prometheus):
+        _usage_error(f"--textfile writes the Prometheus format, not --format {output.value}")
+    if per_workspace and not prometheus:
+        _usage_error("--per-workspace needs --format prometheus or --textfile")
+    if textfile is not None and not textfile.absolute().parent.is_dir():
+        _usage_error(f"--textfile: directory {str(textfile.absolute().parent)!r} does not exist")
     _check_database_url(settings)
     _configure_logging(settings.log_level, secrets=settings.secrets())
     from datetime import UTC, datetime
 
     from . import db
-    from .metrics import staleness
+    from .metrics import nagios_check, nagios_unknown, staleness, workspace_staleness
 
     default_source = str(SPEC_BY_FIELD["source_table"].default)
     try:
@@ -407,16 +554,46 @@ def metrics(
             secrets=settings.secrets(),
         ) as conn:
             db.ensure_schema(conn, settings.source_table, default_source)
-            report = staleness(conn, settings.source_table, datetime.now(UTC))
-    except ConfigError as exc:
-        _usage_error(scrub(exc.message, settings.secrets()))
+            now = datetime.now(UTC)
+            report = staleness(conn, settings.source_table, now)
+            rows = workspace_staleness(conn, settings.source_table, now) if per_workspace else None
     except AvailabilityCronError as exc:
-        _failure(scrub(exc.message, settings.secrets()))
-    if output is OutputFormat.table:
+        message = scrub(exc.message, settings.secrets())
+        if thresholds is not None:  # Nagios: whatever stops the check is UNKNOWN
+            _print_status(*nagios_unknown(message))
+        if isinstance(exc, ConfigError):
+            _usage_error(message)
+        _failure(message)
+    if thresholds is not None:
+        _print_status(*nagios_check(report, *thresholds))
+    if prometheus:
+        _write_prometheus(report, rows, textfile)
+    elif _resolve_format(OutputFormat(output.value)) is OutputFormat.table:
         _print_table(f"availability caches at {report.as_json()['at']}",
                      {k: v for k, v in report.as_json().items() if k != "at"})
     else:
         _print_json(report.as_json())
+
+
+def _print_status(status: int, line: str) -> NoReturn:
+    """A Nagios plugin's output: one line on stdout, the status as the exit code."""
+    sys.stdout.write(line + "\n")
+    raise typer.Exit(int(status))
+
+
+def _write_prometheus(report: StalenessReport, rows: list[WorkspaceStaleness] | None,
+                      textfile: Path | None) -> None:
+    from .metrics import render_prometheus, write_textfile
+
+    text = render_prometheus(report, rows)
+    if textfile is None:
+        sys.stdout.write(text)
+        return
+    try:
+        write_textfile(textfile, text)
+    except OSError as exc:
+        _failure(f"cannot write --textfile {str(textfile)!r}: {exc.strerror or exc}")
+    log.debug("wrote %s", textfile)
 
 
 MIGRATE_HELP = f"""Create or upgrade the schema. Idempotent; safe when two run at once.
@@ -481,6 +658,288 @@ def demo(
         _usage_error(exc.message)
     except AvailabilityCronError as exc:
         _failure(exc.message)
+
+
+# --- operating it: lock status, lock release, show, config ---------------------------------
+
+lock_app = typer.Typer(help="See who holds the refresh lock; end a holder stuck past a bound.",
+                       no_args_is_help=True)
+app.add_typer(lock_app, name="lock")
+
+LockName = Annotated[str | None, _setting("lock_name")]
+LockDatabaseUrl = Annotated[str | None, _setting("lock_database_url")]
+
+
+def _lock_connection(settings: Settings, purpose: str) -> Any:
+    """A connection for looking at the lock: where the refresh run takes it (the lock URL,
+    else DATABASE_URL), so that `lock status` sees exactly the lock the runs use."""
+    from . import db
+
+    name = ("AVAILABILITY_CRON_LOCK_DATABASE_URL" if settings.lock_database_url
+            else "DATABASE_URL")
+    return db.connect(settings.require_lock_database_url(),
+                      application_name=f"availability-cron {purpose}",
+                      secrets=settings.secrets(), name=name)
+
+
+def _flat(data: dict[str, object], prefix: str = "") -> dict[str, object]:
+    """Nested JSON as dotted keys, for a two-column table."""
+    out: dict[str, object] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        elif isinstance(value, list):
+            out[f"{prefix}{key}"] = ", ".join(str(v) for v in value) or "-"
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+LOCK_STATUS_HELP = """Show who holds the refresh lock right now, from pg_locks and pg_stat_activity.
+
+The holder's backend pid, application name, and the run id, OS pid and host of the
+availability-cron process parsed from it; its role, since when and for how long
+(heldForSeconds counts from the holder session's start), state, query, wait event and
+client address. Asks the database of AVAILABILITY_CRON_LOCK_DATABASE_URL, else
+DATABASE_URL. A role without pg_read_all_stats cannot see other roles' sessions: the
+holder then shows "visible": false and a hint.
+
+Exit codes: 0 answered, whether the lock is held or free; 1 the database cannot be
+reached; 2 bad usage or configuration.
+"""
+
+
+@lock_app.command("status", help=LOCK_STATUS_HELP)
+def lock_status(
+    output: Format = OutputFormat.auto,
+    lock_name: LockName = None,
+    env_file: EnvFile = None,
+    database_url: DatabaseUrl = None,
+    lock_database_url: LockDatabaseUrl = None,
+    log_level: LogLevel = None,
+) -> None:
+    settings = _load(env_file, database_url=database_url, lock_database_url=lock_database_url,
+                     lock_name=lock_name, log_level=log_level)
+    _check_database_url(settings)
+    _configure_logging(settings.log_level, secrets=settings.secrets())
+    from datetime import UTC, datetime
+
+    from . import db, lock
+
+    try:
+        with db.translate_errors(settings.secrets()), \
+                _lock_connection(settings, "lock-status") as conn:
+            report = lock.status(conn, settings.lock_name, now=datetime.now(UTC)).as_json()
+    except ConfigError as exc:
+        _usage_error(scrub(exc.message, settings.secrets()))
+    except AvailabilityCronError as exc:
+        _failure(scrub(exc.message, settings.secrets()))
+    if _resolve_format(output) is OutputFormat.table:
+        _print_table(f"lock {settings.lock_name!r}", _flat(report))
+    else:
+        _print_json(report)
+
+
+LOCK_RELEASE_HELP = """End the session holding the refresh lock for longer than --older-than.
+
+For a holder stuck past any run's budget: a wedged process, or a host gone without
+closing its connection. A younger holder, or one whose age this role cannot see, is left
+alone. Otherwise its backend is ended with pg_terminate_backend (logged at WARNING with its
+pid, application name and age), the lock is checked to be free, and what was done is
+printed as JSON. The role needs superuser, membership in the holder's role, or
+pg_signal_backend. Asks first at a terminal; --yes answers for you and is required when
+stdin is not a terminal. Runbook: docs/operations.md.
+
+Exit codes: 0 the lock is free (the holder was ended, or nobody held it); 1 left alone
+(holder younger than --older-than, age not visible, declined), not permitted, still held,
+or the database cannot be reached; 2 bad usage or configuration (e.g. --older-than 5x).
+"""
+
+
+@lock_app.command("release", help=LOCK_RELEASE_HELP)
+def lock_release(
+    older_than: Annotated[str, typer.Option(
+        "--older-than", metavar="DURATION", show_default=False,
+        help="End the holder only if it has held the lock longer than this: a whole number "
+        "and one unit, s, m, h or d (90s, 10m, 2h).")],
+    yes: Annotated[bool, typer.Option(
+        "--yes", help="Do not ask before terminating the holder.")] = False,
+    output: Format = OutputFormat.auto,
+    lock_name: LockName = None,
+    env_file: EnvFile = None,
+    database_url: DatabaseUrl = None,
+    lock_database_url: LockDatabaseUrl = None,
+    log_level: LogLevel = None,
+) -> None:
+    from .settings import parse_duration
+
+    try:
+        bound = parse_duration("--older-than", older_than)
+    except ConfigError as exc:
+        _usage_error(exc.message)
+    if not yes and not sys.stdin.isatty():
+        _usage_error("lock release: stdin is not a terminal, so nobody can confirm: pass --yes")
+    settings = _load(env_file, database_url=database_url, lock_database_url=lock_database_url,
+                     lock_name=lock_name, log_level=log_level)
+    _check_database_url(settings)
+    _configure_logging(settings.log_level, secrets=settings.secrets())
+    from . import db, lock
+
+    def confirm(holder: lock.LockHolder) -> bool:
+        return yes or typer.confirm(
+            f"Terminate backend pid {holder.pid} ({holder.application_name}), which has held "
+            f"the lock for {holder.held_for_seconds or 0:.0f}s?", err=True)
+
+    try:
+        with db.translate_errors(settings.secrets()), \
+                _lock_connection(settings, "lock-release") as conn:
+            result = lock.release_stuck(conn, settings.lock_key, older_than=bound,
+                                        confirm=confirm)
+    except ConfigError as exc:
+        _usage_error(scrub(exc.message, settings.secrets()))
+    except AvailabilityCronError as exc:
+        _failure(scrub(exc.message, settings.secrets()))
+    report = result.as_json()
+    if _resolve_format(output) is OutputFormat.table:
+        _print_table(f"lock {settings.lock_name!r} release", _flat(report))
+    else:
+        _print_json(report)
+    if not result.ok:
+        _failure(result.describe())
+    sys.stderr.write(f"availability-cron: {result.describe()}\n")
+
+
+SHOW_HELP = """Show one workspace: its source row and the state of its cache.
+
+provider_config with secrets redacted (values under keys that look secret are ***; *_env
+keys show the variable's name, never its value); the cache without its slot list (the
+count and the first 5 slots, also in provider_config.timezone when set); the age of the
+last success; when it is due next and whether it is due now; the last error and the
+failure streak. Reads only.
+
+Exit codes: 0 shown; 1 real failure (database unreachable, schema missing); 2 bad usage or
+configuration, or no such workspace.
+"""
+
+
+@app.command(help=SHOW_HELP)
+def show(
+    workspace: Annotated[str, typer.Argument(metavar="WORKSPACE", show_default=False,
+                                             help="The workspace_id.")],
+    output: Format = OutputFormat.auto,
+    env_file: EnvFile = None,
+    database_url: DatabaseUrl = None,
+    source_table: SourceTable = None,
+    log_level: LogLevel = None,
+) -> None:
+    settings, environ = _load_with_environ(env_file, database_url=database_url,
+                                           source_table=source_table, log_level=log_level)
+    _check_database_url(settings)
+    _configure_logging(settings.log_level, secrets=settings.secrets())
+    from datetime import UTC, datetime
+
+    from . import db
+    from .show import describe
+
+    default_source = str(SPEC_BY_FIELD["source_table"].default)
+    try:
+        with db.translate_errors(settings.secrets()), db.connect(
+            settings.require_database_url(), application_name="availability-cron show",
+            secrets=settings.secrets(),
+        ) as conn:
+            db.ensure_schema(conn, settings.source_table, default_source)
+            view = describe(conn, settings.source_table, workspace, now=datetime.now(UTC),
+                            environ=environ, secrets=settings.secrets())
+    except ConfigError as exc:
+        _usage_error(scrub(exc.message, settings.secrets()))
+    except AvailabilityCronError as exc:
+        _failure(scrub(exc.message, settings.secrets()))
+    report = view.as_json()
+    if _resolve_format(output) is OutputFormat.table:
+        _print_table(f"workspace {workspace!r} at {report['at']}",
+                     {k: v for k, v in _flat(report).items() if k != "at"})
+    else:
+        _print_json(report)
+
+
+CONFIG_HELP = """Show every setting: its effective value and where it came from.
+
+One entry per setting, in order: the variable, its flag, its value (passwords in
+DATABASE_URL and AVAILABILITY_CRON_LOCK_DATABASE_URL redacted, the ping URL cut to its
+scheme and host: it is a credential) and its source: flag, environment, .env or default.
+Then the lock: its name, the 64-bit advisory-lock key derived from it, and the URL its
+session uses. Never touches the database. Takes the setting flags of refresh.
+
+Exit codes: 0 shown; 2 a setting is invalid (the same message refresh would give).
+"""
+
+
+@app.command("config", help=CONFIG_HELP)
+def config(
+    output: Format = OutputFormat.auto,
+    limit: Annotated[int | None, _setting("limit")] = None,
+    concurrency: Annotated[int | None, _setting("concurrency")] = None,
+    time_budget_ms: Annotated[int | None, _setting("time_budget_ms")] = None,
+    deadline_margin_ms: Annotated[int | None, _setting("deadline_margin_ms")] = None,
+    cache_ttl_ms: Annotated[int | None, _setting("cache_ttl_ms")] = None,
+    lookahead_days: Annotated[int | None, _setting("lookahead_days")] = None,
+    missing_reserve: Annotated[float | None, _setting("missing_reserve")] = None,
+    max_backoff_ms: Annotated[int | None, _setting("max_backoff_ms")] = None,
+    lock_name: LockName = None,
+    lock_database_url: LockDatabaseUrl = None,
+    env_file: EnvFile = None,
+    database_url: DatabaseUrl = None,
+    source_table: SourceTable = None,
+    log_level: LogLevel = None,
+) -> None:
+    settings = _load(
+        env_file, limit=limit, concurrency=concurrency, time_budget_ms=time_budget_ms,
+        deadline_margin_ms=deadline_margin_ms, cache_ttl_ms=cache_ttl_ms,
+        lookahead_days=lookahead_days, missing_reserve=missing_reserve,
+        max_backoff_ms=max_backoff_ms, lock_name=lock_name, lock_database_url=lock_database_url,
+        database_url=database_url, source_table=source_table, log_level=log_level,
+    )
+    if settings.database_url:  # unset is shown, not refused: this command answers questions
+        _check_database_url(settings)
+    from .settings import describe, shown_value
+
+    dotenv = env_file or Path.cwd() / ".env"
+    lock_url_from = ("AVAILABILITY_CRON_LOCK_DATABASE_URL" if settings.lock_database_url
+                     else "DATABASE_URL")
+    report: dict[str, object] = {
+        "envFile": str(dotenv) if dotenv.is_file() else None,
+        "settings": describe(settings),
+        "lock": {
+            "name": settings.lock_name,
+            "key": settings.lock_key,
+            "databaseUrl": shown_value("database_url", settings.lock_database_url
+                                       or settings.database_url),
+            "databaseUrlFrom": lock_url_from,
+        },
+    }
+    # Last line of defence: describe() redacts; nothing secret may slip through anyway.
+    text = scrub(_json(report), settings.secrets())
+    if _resolve_format(output) is OutputFormat.table:
+        _print_config_table(json.loads(text))
+    else:
+        sys.stdout.write(text + "\n")
+
+
+def _print_config_table(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="availability-cron config", show_header=True)
+    for column in ("setting", "value", "source"):
+        table.add_column(column)
+    for row in report["settings"]:
+        table.add_row(row["name"], "-" if row["value"] is None else str(row["value"]),
+                      row["source"])
+    lock = report["lock"]
+    console = Console()
+    console.print(table)
+    console.print(f"lock {lock['name']!r}: key {lock['key']}, taken through "
+                  f"{lock['databaseUrlFrom']}; env file: {report['envFile'] or '-'}")
 
 
 def main() -> None:

@@ -12,11 +12,13 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from importlib import resources
 from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.rows import class_row
 from tenacity import (
     Retrying,
     retry_if_exception,
@@ -34,6 +36,7 @@ from .errors import (
     DatabaseUnavailable,
     NotPrimary,
     SchemaMissing,
+    TransactionPooler,
 )
 from .lock import lock_key
 from .settings import scrub, url_secrets
@@ -85,13 +88,16 @@ def connect(
     application_name: str,
     secrets: list[str],
     attempts: int = CONNECT_ATTEMPTS,
+    name: str = "DATABASE_URL",
+    connect_timeout: int = CONNECT_TIMEOUT_SECONDS,
 ) -> Connection:
     """Open an autocommit connection, retrying briefly; raise DatabaseUnavailable if it fails.
 
     Only failures that may pass are retried (refused, reset, timed out). A rejected
     password, a missing database or an invalid connection parameter fails at once:
-    retrying cannot fix them. An invalid parameter value is a ConfigError (exit 2).
-    The session is then prepared for a long, mostly idle run (see _prepare).
+    retrying cannot fix them. An invalid parameter value is a ConfigError (exit 2);
+    ``name`` is the setting the URL came from, for its message. The session is then
+    prepared for a long, mostly idle run (see _prepare).
     """
     tries = 0
 
@@ -114,7 +120,7 @@ def connect(
                     url,
                     autocommit=True,
                     application_name=application_name[:63],
-                    connect_timeout=CONNECT_TIMEOUT_SECONDS,
+                    connect_timeout=connect_timeout,
                     keepalives=1,
                     keepalives_idle=15,
                     keepalives_interval=5,
@@ -126,11 +132,11 @@ def connect(
     except psycopg.OperationalError as exc:
         reason = _reason(exc, secrets)
         if _INVALID_VALUE.search(str(exc)):
-            raise ConfigError(f"DATABASE_URL has an invalid parameter: {reason}") from None
+            raise ConfigError(f"{name} has an invalid parameter: {reason}") from None
         after = f" after {tries} attempts" if tries > 1 else ""
         raise DatabaseUnavailable(f"cannot connect to the database{after}: {reason}") from None
     except psycopg.ProgrammingError as exc:
-        raise ConfigError(f"DATABASE_URL is not usable: {_reason(exc, secrets)}") from None
+        raise ConfigError(f"{name} is not usable: {_reason(exc, secrets)}") from None
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -190,6 +196,57 @@ def ensure_primary(conn: Connection) -> None:
     row = conn.execute(queries.IS_STANDBY).fetchone()
     if row and row[0]:
         raise NotPrimary()
+
+
+@dataclass(frozen=True)
+class ServerIdentity:
+    """Which database, on which running server, a session reached."""
+
+    database: str
+    database_oid: int
+    server_started_at: datetime
+    backend_pid: int
+
+    def describe(self) -> str:
+        return (f"database {self.database!r} (oid {self.database_oid}) on a server started at "
+                f"{self.server_started_at.isoformat()}")
+
+
+def server_identity(conn: Connection) -> ServerIdentity:
+    with conn.cursor(row_factory=class_row(ServerIdentity)) as cur:
+        cur.execute(queries.SERVER_IDENTITY)
+        row = cur.fetchone()
+    assert row is not None
+    return row
+
+
+def ensure_same_database(lock_conn: Connection, work_conn: Connection) -> None:
+    """Check that the lock's session and the work session can exclude each other.
+
+    Raises ConfigError when they reached different databases (or servers: a replica
+    included), since a lock taken elsewhere would not keep runs apart; and
+    TransactionPooler when both statements ran on one server session, which only a
+    pooler sharing sessions between clients (transaction mode) does. Works for any
+    role: it reads current_database(), pg_database and pg_postmaster_start_time().
+    """
+    lock_id, work_id = server_identity(lock_conn), server_identity(work_conn)
+    if (lock_id.database, lock_id.database_oid, lock_id.server_started_at) != (
+        work_id.database, work_id.database_oid, work_id.server_started_at
+    ):
+        raise ConfigError(
+            "the lock connection (AVAILABILITY_CRON_LOCK_DATABASE_URL, or DATABASE_URL when "
+            f"unset) reached {lock_id.describe()}, but the work connection (DATABASE_URL) "
+            f"reached {work_id.describe()}: both must reach the same database, or runs "
+            "would not exclude each other"
+        )
+    if lock_id.backend_pid == work_id.backend_pid:
+        raise TransactionPooler(
+            f"the lock and work connections ran on the same server session (backend pid "
+            f"{lock_id.backend_pid}): DATABASE_URL goes through a pooler in transaction mode "
+            "(PgBouncer pool_mode=transaction?), where a session advisory lock cannot keep "
+            "runs apart. Set AVAILABILITY_CRON_LOCK_DATABASE_URL to a direct connection or a "
+            "session-mode pooler reaching the same database."
+        )
 
 
 def latest_migration() -> int:

@@ -48,3 +48,11 @@ class ConnectionLost(AvailabilityCronError):
 
 class DatabaseError(AvailabilityCronError):
     """The database refused a statement."""
+
+
+class TransactionPooler(AvailabilityCronError):
+    """The lock's connection does not keep its own server session (a transaction-mode pooler?)."""
+
+
+class NotPermitted(AvailabilityCronError):
+    """The database role is not allowed to do this."""

@@ -82,6 +82,52 @@ SESSION_HOLDS_LOCK = sql.SQL(
 
 ADVISORY_UNLOCK = sql.SQL("SELECT pg_advisory_unlock(%(key)s)")
 
+# Take the lock unless this server session holds it already, and say which session ran
+# the statement. A fresh connection's session can only hold it already when a pooler
+# shares server sessions between clients (transaction mode): advisory locks are
+# re-entrant, so taking it again there would let two runs proceed at once.
+TAKE_ADVISORY_LOCK = sql.SQL(
+    """
+    WITH mine AS MATERIALIZED (
+        SELECT EXISTS (
+            SELECT 1 FROM pg_locks
+             WHERE locktype = 'advisory' AND granted AND pid = pg_backend_pid()
+               AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+               AND classid = %(classid)s::bigint::oid AND objid = %(objid)s::bigint::oid
+               AND objsubid = 1) AS already_held)
+    SELECT already_held,
+           CASE WHEN already_held THEN false ELSE pg_try_advisory_lock(%(key)s) END AS acquired,
+           pg_backend_pid() AS backend_pid
+      FROM mine
+    """
+)
+
+# Does the session that took the lock (its backend pid) still hold it, and is it the one
+# answering? Behind a transaction-mode pooler the statement may run on another session.
+BACKEND_HOLDS_LOCK = sql.SQL(
+    """
+    SELECT pg_backend_pid() = %(pid)s AND EXISTS (
+        SELECT 1 FROM pg_locks
+         WHERE locktype = 'advisory' AND granted AND pid = %(pid)s
+           AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+           AND classid = %(classid)s::bigint::oid AND objid = %(objid)s::bigint::oid
+           AND objsubid = 1)
+    """
+)
+
+# Which database on which server this session reached, readable by any role. The
+# postmaster start time tells two servers apart, a primary and its replica included
+# (pg_control_system().system_identifier would not: replicas share it).
+SERVER_IDENTITY = sql.SQL(
+    """
+    SELECT current_database() AS database,
+           (SELECT oid FROM pg_database WHERE datname = current_database())::bigint
+               AS database_oid,
+           pg_postmaster_start_time() AS server_started_at,
+           pg_backend_pid() AS backend_pid
+    """
+)
+
 # The session holding a bigint advisory lock in this database. pg_locks shows the key
 # split as classid (high half) and objid (low half) with objsubid = 1.
 LOCK_HOLDER = sql.SQL(
@@ -92,7 +138,13 @@ LOCK_HOLDER = sql.SQL(
            extract(epoch FROM clock_timestamp() - a.backend_start)::float8 AS held_for_seconds,
            a.state,
            a.query,
-           (a.state IS NOT NULL) AS visible
+           (a.state IS NOT NULL) AS visible,
+           a.usename::text AS role,
+           a.state_change,
+           a.wait_event_type,
+           a.wait_event,
+           host(a.client_addr) AS client_addr,
+           a.client_port
       FROM pg_locks AS l
       LEFT JOIN pg_stat_activity AS a ON a.pid = l.pid
      WHERE l.locktype = 'advisory'
@@ -102,6 +154,28 @@ LOCK_HOLDER = sql.SQL(
        AND l.objid = %(objid)s::bigint::oid
        AND l.objsubid = 1
      LIMIT 1
+    """
+)
+
+# Who is asking: the database and role that `lock status` reports on.
+WHO_AM_I = sql.SQL("SELECT current_database() AS database, current_user::text AS role")
+
+# End the session holding the lock, only if it is still the one that was judged too old
+# (same pid, same backend_start: a pid may have been reused by a new backend meanwhile).
+# No row: that session no longer holds the lock.
+TERMINATE_HOLDER = sql.SQL(
+    """
+    SELECT pg_terminate_backend(l.pid)
+      FROM pg_locks AS l
+      JOIN pg_stat_activity AS a ON a.pid = l.pid
+     WHERE l.locktype = 'advisory'
+       AND l.granted
+       AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+       AND l.classid = %(classid)s::bigint::oid
+       AND l.objid = %(objid)s::bigint::oid
+       AND l.objsubid = 1
+       AND l.pid = %(pid)s
+       AND a.backend_start = %(backend_start)s
     """
 )
 
@@ -188,6 +262,23 @@ WRITE_FAILURE = sql.SQL(
     """
 )
 
+# --- run history ----------------------------------------------------------------------------
+
+# One row per run, appended after its summary is printed. Idempotent per run_id.
+RECORD_RUN = sql.SQL(
+    """
+    INSERT INTO availability_cron_runs
+           (run_id, host, pid, started_at, finished_at, outcome, duration_ms, within_budget,
+            refreshed, summary)
+    VALUES (%(run_id)s, %(host)s, %(pid)s, %(started_at)s, %(finished_at)s, %(outcome)s,
+            %(duration_ms)s, %(within_budget)s, %(refreshed)s, %(summary)s)
+    ON CONFLICT (run_id) DO NOTHING
+    """
+)
+
+# Retention; served by the started_at index.
+PRUNE_RUNS = sql.SQL("DELETE FROM availability_cron_runs WHERE started_at < %(before)s")
+
 # --- metrics --------------------------------------------------------------------------------
 
 # Staleness of enabled workspaces, measured from the last *successful* refresh.
@@ -214,6 +305,62 @@ STALENESS = sql.SQL(
     """
 )
 
+# Health of the cron job from its run history (availability_cron_runs). Only the job's own
+# runs count: a `refresh --workspace ID` run (its summary names a "workspace") takes no
+# lock and says nothing about the job. A run skipped on the lock has "skipped": true in
+# its summary, whether healthy ("locked", outcome skipped) or not ("lock-stuck", outcome
+# failed). Every subquery walks the started_at index; none scans the whole table.
+RUN_HISTORY = sql.SQL(
+    """
+    SELECT (SELECT finished_at FROM availability_cron_runs
+             WHERE summary ->> 'workspace' IS NULL
+             ORDER BY started_at DESC LIMIT 1) AS last_run_at,
+           (SELECT finished_at FROM availability_cron_runs
+             WHERE summary ->> 'workspace' IS NULL AND outcome = 'completed'
+             ORDER BY started_at DESC LIMIT 1) AS last_completed_run_at,
+           (SELECT finished_at FROM availability_cron_runs
+             WHERE summary ->> 'workspace' IS NULL AND refreshed > 0
+             ORDER BY started_at DESC LIMIT 1) AS last_refreshing_run_at,
+           -- runs newer than the newest run that was not skipped on the lock
+           (SELECT count(*) FROM availability_cron_runs AS r
+             WHERE r.summary ->> 'workspace' IS NULL
+               AND r.started_at > coalesce(
+                   (SELECT n.started_at FROM availability_cron_runs AS n
+                     WHERE n.summary ->> 'workspace' IS NULL
+                       AND n.summary ->> 'skipped' IS DISTINCT FROM 'true'
+                     ORDER BY n.started_at DESC LIMIT 1),
+                   '-infinity')) AS lock_skip_streak,
+           day.runs, day.runs_failed, day.runs_over_budget, day.duration_p50_ms,
+           day.duration_p95_ms
+      FROM (SELECT count(*) AS runs,
+                   count(*) FILTER (WHERE outcome = 'failed') AS runs_failed,
+                   count(*) FILTER (WHERE outcome = 'completed' AND NOT within_budget)
+                       AS runs_over_budget,
+                   percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_ms)
+                       FILTER (WHERE summary ->> 'skipped' IS DISTINCT FROM 'true')
+                       AS duration_p50_ms,
+                   percentile_cont(0.95) WITHIN GROUP (ORDER BY duration_ms)
+                       FILTER (WHERE summary ->> 'skipped' IS DISTINCT FROM 'true')
+                       AS duration_p95_ms
+              FROM availability_cron_runs
+             WHERE summary ->> 'workspace' IS NULL AND started_at > %(since)s) AS day
+    """
+)
+
+# Per enabled workspace with a cache row: the `metrics --per-workspace` series. One row
+# per workspace (thousands): only ever run on request.
+WORKSPACE_STALENESS = sql.SQL(
+    """
+    SELECT w.workspace_id,
+           extract(epoch FROM %(now)s - c.refreshed_at)::float8 AS success_age_seconds,
+           c.consecutive_failures
+      FROM {source} AS w
+      JOIN workspace_availability_cache AS c ON c.workspace_id = w.workspace_id
+     WHERE w.enabled
+     ORDER BY w.workspace_id
+    """
+)
+
 # --- demo -----------------------------------------------------------------------------------
 
 # Seed rows of `availability-cron demo` (simulated provider).
@@ -229,6 +376,25 @@ DEMO_CACHE = sql.SQL(
     VALUES (%(workspace_id)s, %(slots)s, 0, %(refreshed_at)s,
             %(refreshed_at)s + interval '30 days', %(refreshed_at)s, %(refreshed_at)s,
             %(stale_at)s)
+    """
+)
+
+# --- show -----------------------------------------------------------------------------------
+
+# One workspace, its source row and its cache row, with the first 5 slots only (a cache
+# may hold thousands; `show` prints a glimpse, and the count).
+WORKSPACE_DETAILS = sql.SQL(
+    """
+    SELECT w.workspace_id, w.provider, w.provider_config, w.enabled, w.created_at,
+           (c.workspace_id IS NOT NULL) AS has_cache,
+           coalesce(c.slot_count, jsonb_array_length(c.slots_utc)) AS slot_count,
+           jsonb_path_query_array(c.slots_utc, '$[0 to 4]') AS first_slots,
+           c.range_start, c.range_end, c.fetched_at, c.refreshed_at, c.stale_at,
+           c.last_error, c.last_error_at, coalesce(c.consecutive_failures, 0)
+               AS consecutive_failures
+      FROM {source} AS w
+      LEFT JOIN workspace_availability_cache AS c ON c.workspace_id = w.workspace_id
+     WHERE w.workspace_id = %(workspace_id)s
     """
 )
 

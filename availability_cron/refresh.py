@@ -268,6 +268,27 @@ def config_secrets(config: Any, environ: Mapping[str, str]) -> list[str]:
     return [s for s in found if s]
 
 
+def redact_config(config: Any) -> Any:
+    """``config`` fit to print: by the rules of :func:`config_secrets`.
+
+    A ``*_env`` key keeps its value, the *name* of a variable (never its value, which is
+    not read here); anything else under a key that looks secret becomes ``"***"``,
+    whatever its type. Other values are kept as they are.
+    """
+    def visit(value: Any, key: str = "") -> Any:
+        if key.endswith("_env"):
+            return value
+        if _SECRET_KEY.search(key) and value is not None:
+            return "***"
+        if isinstance(value, Mapping):
+            return {str(k): visit(v, str(k)) for k, v in value.items()}
+        if isinstance(value, list):
+            return [visit(v, key) for v in value]
+        return value
+
+    return visit(config)
+
+
 def normalize_slots(
     raw: Iterable[datetime], window_start: datetime, window_end: datetime
 ) -> tuple[str, ...]:
@@ -386,6 +407,18 @@ class SweepResult:
     stale_started: int
 
 
+@dataclass(frozen=True)
+class SweepProgress:
+    """The counts so far, for a progress display (see ``on_progress`` of :func:`sweep`)."""
+
+    planned: int
+    started: int
+    #: Calls whose outcome has been written (succeeded + failed).
+    done: int
+    succeeded: int
+    failed: int
+
+
 Writer = Callable[[Sequence[Outcome]], int]
 
 
@@ -401,6 +434,7 @@ def sweep(
     clock: Callable[[], datetime],
     monotonic: Callable[[], float],
     alive: Callable[[], bool] | None = None,
+    on_progress: Callable[[SweepProgress], None] | None = None,
 ) -> SweepResult:
     """Run ``queue`` in order on ``concurrency`` threads and ``write`` results as they finish.
 
@@ -417,9 +451,13 @@ def sweep(
     once it returns False no call starts, what finished is written (the write rules make
     that safe) and ConnectionLost is raised. Any AvailabilityCronError raised here
     carries the counts so far in ``partial`` (a SweepResult).
+
+    ``on_progress`` (a display) is called on this thread when the sweep starts and after
+    each written batch; it must be quick. If it raises, it is not called again and the
+    sweep goes on.
     """
     state = _Sweep(queue, call, write, concurrency, deadline, margin, grace, clock,
-                   monotonic, alive)
+                   monotonic, alive, on_progress)
     try:
         return state.run()
     except AvailabilityCronError as exc:
@@ -448,9 +486,11 @@ class _Sweep:
         clock: Callable[[], datetime],
         monotonic: Callable[[], float],
         alive: Callable[[], bool] | None = None,
+        on_progress: Callable[[SweepProgress], None] | None = None,
     ) -> None:
         self.queue, self.call, self.write = queue, call, write
         self.alive = alive
+        self.on_progress = on_progress
         self.next_check = monotonic() + LOCK_CHECK_SECONDS
         self.concurrency, self.deadline, self.margin, self.grace = (
             concurrency, deadline, margin, grace)
@@ -469,6 +509,7 @@ class _Sweep:
     def run(self) -> SweepResult:
         executor = ThreadPoolExecutor(max_workers=self.concurrency,
                                       thread_name_prefix="refresh")
+        self._report()
         try:
             while True:
                 self._check_alive()
@@ -554,6 +595,20 @@ class _Sweep:
         self.succeeded += ok
         self.failed += len(batch) - ok
         self.superseded += ok - stored
+        self._report()
+
+    def _report(self) -> None:
+        if self.on_progress is None:
+            return
+        try:
+            self.on_progress(SweepProgress(
+                planned=len(self.queue), started=self.started,
+                done=self.succeeded + self.failed, succeeded=self.succeeded,
+                failed=self.failed,
+            ))
+        except Exception:  # a display must never stop the run
+            log.debug("progress display failed; not calling it again", exc_info=True)
+            self.on_progress = None
 
     def _abandon_pending(self) -> None:
         now = self.clock()
@@ -774,6 +829,7 @@ def _run_sweep(
     queue: Sequence[PlannedRefresh],
     *,
     alive: Callable[[], bool] | None = None,
+    on_progress: Callable[[SweepProgress], None] | None = None,
 ) -> SweepResult:
     deadline = rt.started_monotonic + settings.time_budget_ms / 1000
     secrets = settings.secrets()
@@ -809,6 +865,7 @@ def _run_sweep(
             clock=rt.clock,
             monotonic=rt.monotonic,
             alive=alive,
+            on_progress=on_progress,
         )
     except AvailabilityCronError as exc:
         partial = getattr(exc, "partial", None)
@@ -832,18 +889,31 @@ def _close_bounded(registry: ProviderRegistry, seconds: float = 2.0) -> None:
         log.warning("providers did not close within %.0fs; leaving them", seconds)
 
 
-def run_refresh(settings: Settings, rt: Runtime, *, default_source: str) -> RunSummary:
-    """The cron run: lock, plan, sweep, summary. Raises AvailabilityCronError on real failures."""
+def run_refresh(
+    settings: Settings,
+    rt: Runtime,
+    *,
+    default_source: str,
+    on_progress: Callable[[SweepProgress], None] | None = None,
+) -> RunSummary:
+    """The cron run: lock, plan, sweep, summary. Raises AvailabilityCronError on real failures.
+
+    ``on_progress``: see :func:`sweep` (the CLI passes a display when stderr is a terminal).
+    """
     secrets = settings.secrets()
     with db.translate_errors(secrets):
         lock_conn = rt.connect("lock")
         try:
-            db.ensure_primary(lock_conn)
-            db.ensure_schema(lock_conn, settings.source_table, default_source)
-            with lock.held(lock_conn, settings.lock_key) as acquired:
-                if not acquired:
-                    return _skipped(settings, rt, lock.find_holder(lock_conn, settings.lock_key))
-                with rt.connect("work") as work:
+            with rt.connect("work") as work:
+                # First: a lock taken in another database, or on a server session that a
+                # pooler shares with the work connection, keeps nothing apart.
+                db.ensure_same_database(lock_conn, work)
+                db.ensure_primary(lock_conn)
+                db.ensure_schema(lock_conn, settings.source_table, default_source)
+                with lock.take(lock_conn, settings.lock_key) as taken:
+                    if taken is None:
+                        return _skipped(settings, rt,
+                                        lock.find_holder(lock_conn, settings.lock_key))
                     now = rt.clock()
                     the_plan = plan(
                         fetch_due(work, settings.source_table, now, settings.limit),
@@ -858,7 +928,8 @@ def run_refresh(settings: Settings, rt: Runtime, *, default_source: str) -> RunS
                     )
                     result = _run_sweep(
                         settings, rt, work, the_plan.queue,
-                        alive=lambda: lock.holds(lock_conn, settings.lock_key),
+                        alive=taken.alive,
+                        on_progress=on_progress,
                     )
                     return _sweep_summary(
                         settings, rt, len(the_plan.queue), result,
@@ -1003,6 +1074,7 @@ __all__ = [
     "PlannedRefresh",
     "RunSummary",
     "Runtime",
+    "SweepProgress",
     "SweepResult",
     "backoff_delay",
     "dry_run",

@@ -15,6 +15,7 @@ import re
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -207,6 +208,10 @@ class Settings:
             )
         return self.database_url
 
+    def require_lock_database_url(self) -> str:
+        """The URL of the lock's session: AVAILABILITY_CRON_LOCK_DATABASE_URL, else DATABASE_URL."""
+        return self.lock_database_url or self.require_database_url()
+
     def secrets(self) -> list[str]:
         """Strings that must never be printed: passwords inside the URLs, the ping URL's path
         (a Healthchecks check URL is a credential: whoever has it can ping)."""
@@ -328,6 +333,55 @@ def redact_url(url: str) -> str:
         query = re.sub(r"(?i)(password=)[^&]*", r"\1***", parts.query)
         return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
     return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", url)
+
+
+def redact_secret_url(url: str) -> str:
+    """Scheme and host only, for a URL that is itself a credential (the ping URL)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "***"
+    return f"{parts.scheme}://{parts.hostname or ''}{port}/***"
+
+
+def shown_value(field_name: str, value: object) -> object:
+    """A setting's value as `availability-cron config` prints it: secrets redacted."""
+    if value is None or not isinstance(value, str):
+        return value
+    if field_name in ("database_url", "lock_database_url"):
+        return redact_url(value)
+    if field_name == "ping_url":
+        return redact_secret_url(value)
+    return value
+
+
+def describe(settings: Settings) -> list[dict[str, object]]:
+    """Every setting in SPECS order: variable, flag, effective value (secrets redacted), source."""
+    return [
+        {
+            "name": spec.env,
+            "flag": spec.flag,
+            "value": shown_value(spec.field, getattr(settings, spec.field)),
+            "source": settings.sources.get(spec.field, "default"),
+        }
+        for spec in SPECS
+    ]
+
+
+_DURATION = re.compile(r"([1-9][0-9]{0,8})([smhd])")
+_DURATION_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+def parse_duration(name: str, raw: str) -> timedelta:
+    """A whole number and one unit, nothing else: ``90s``, ``10m``, ``2h``, ``1d``."""
+    match = _DURATION.fullmatch(raw)
+    if match is None:
+        raise ConfigError(
+            f"{name} must be a whole number of seconds, minutes, hours or days such as 90s, "
+            f"10m, 2h or 1d, got {raw!r}"
+        )
+    return timedelta(**{_DURATION_UNITS[match[2]]: int(match[1])})
 
 
 def scrub(text: str, secrets: list[str]) -> str:

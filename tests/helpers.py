@@ -88,6 +88,51 @@ def cache_row(conn: psycopg.Connection[Any], workspace_id: str) -> dict[str, Any
         return cur.fetchone()
 
 
+def add_run(
+    conn: psycopg.Connection[Any],
+    *,
+    started_at: datetime,
+    outcome: str = "completed",
+    duration_ms: int = 1000,
+    within_budget: bool | None = None,
+    refreshed: int = 0,
+    reason: str | None = None,
+    workspace: str | None = None,
+) -> str:
+    """A row of availability_cron_runs, its summary shaped like the one a run prints.
+
+    ``outcome`` skipped means skipped on the lock ("locked"); a lock-stuck run is
+    ``outcome="failed", reason="lock-stuck"``. Returns the run id.
+    """
+    run_id = uuid.uuid4().hex[:12]
+    skipped = outcome == "skipped" or reason == "lock-stuck"
+    within = (outcome != "failed") if within_budget is None else within_budget
+    summary: dict[str, Any] = {
+        "success": outcome != "failed", "skipped": skipped,
+        "reason": reason or ("locked" if outcome == "skipped" else None), "runId": run_id,
+        "durationMs": duration_ms, "refreshed": refreshed, "finishedWithinBudget": within,
+    }
+    if workspace is not None:
+        summary["workspace"] = workspace
+    conn.execute(
+        "INSERT INTO availability_cron_runs (run_id, host, pid, started_at, finished_at,"
+        " outcome, duration_ms, within_budget, refreshed, summary)"
+        " VALUES (%s, 'test-host', 4242, %s, %s, %s, %s, %s, %s, %s)",
+        (run_id, started_at, started_at + timedelta(milliseconds=duration_ms), outcome,
+         duration_ms, within, refreshed, Jsonb(summary)),
+    )
+    return run_id
+
+
+def run_rows(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
+    """Every row of availability_cron_runs, oldest start first."""
+    from psycopg.rows import dict_row
+
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute("SELECT * FROM availability_cron_runs ORDER BY started_at")
+        return cur.fetchall()
+
+
 # --- in-process runs ------------------------------------------------------------------------
 
 

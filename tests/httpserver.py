@@ -4,7 +4,8 @@
     server.url("/v2/slots")         # http://127.0.0.1:PORT/v2/slots
     server.requests                  # every request received, in order
 
-A handler gets a :class:`Seen` request and returns a :class:`Reply`. ``Reply.delay``
+A handler gets a :class:`Seen` request (GET or POST, with its body) and returns a
+:class:`Reply`. ``Reply.delay``
 sleeps before answering (a server that is slower than the deadline); ``Reply.drip``
 sends the body one byte at a time with that pause between bytes.
 """
@@ -29,6 +30,7 @@ class Seen:
     path: str
     query: dict[str, str]
     headers: dict[str, str]  # lower-cased names
+    body: bytes = b""
 
 
 @dataclass
@@ -66,11 +68,19 @@ class LocalServer:
                 pass
 
             def do_GET(self) -> None:  # http.server calls it by this name
+                self._answer("GET")
+
+            def do_POST(self) -> None:
+                self._answer("POST")
+
+            def _answer(self, method: str) -> None:
                 parts = urlsplit(self.path)
+                length = int(self.headers.get("Content-Length") or 0)
                 seen = Seen(
-                    "GET", parts.path,
+                    method, parts.path,
                     {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()},
                     {k.lower(): v for k, v in self.headers.items()},
+                    self.rfile.read(length) if length else b"",
                 )
                 outer.requests.append(seen)
                 handler = outer.routes.get(parts.path)

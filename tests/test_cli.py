@@ -36,7 +36,9 @@ SUMMARY_KEYS = {
 METRICS_KEYS = {
     "at", "workspaces", "caches", "missingCaches", "staleDue", "erroringCaches",
     "neverSucceeded", "oldestSuccessAgeMinutes", "oldestRangeStartAgeMinutes",
-    "successAgeP50Minutes", "successAgeP95Minutes",
+    "successAgeP50Minutes", "successAgeP95Minutes", "lastRunAt", "lastCompletedRunAt",
+    "lastRefreshingRunAt", "lockSkipStreak", "runs24h", "runsFailed24h", "runsOverBudget24h",
+    "runDurationP50Ms", "runDurationP95Ms",
 }
 
 #: At least one invalid value per setting; a new setting without an entry fails

@@ -442,3 +442,40 @@ def test_the_sweep_counts_missing_and_stale_starts_separately():
                    deadline=time.monotonic() + 30, margin=0.1,
                    clock=lambda: NOW, monotonic=time.monotonic)
     assert (result.missing_started, result.stale_started, result.started) == (2, 3, 5)
+
+
+def test_the_sweep_reports_progress_at_its_start_and_after_each_written_batch():
+    queue = queue_of(5)
+    reports: list[refresh.SweepProgress] = []
+    write = Recorder()
+
+    def call(item: PlannedRefresh) -> Outcome:
+        return failed(item) if item.workspace_id == "ws-02" else ok(item)
+
+    sweep(queue, call=call, write=write, concurrency=1, deadline=time.monotonic() + 30,
+          margin=0.1, clock=lambda: NOW, monotonic=time.monotonic, on_progress=reports.append)
+
+    assert reports[0] == refresh.SweepProgress(planned=5, started=0, done=0, succeeded=0,
+                                               failed=0)
+    assert len(reports) == 1 + len(write.batches)
+    assert reports[-1] == refresh.SweepProgress(planned=5, started=5, done=5, succeeded=4,
+                                                failed=1)
+    assert [r.done for r in reports] == sorted(r.done for r in reports)
+
+
+def test_a_failing_progress_display_neither_stops_the_sweep_nor_is_called_again():
+    calls = 0
+
+    def broken_display(_progress: refresh.SweepProgress) -> None:
+        nonlocal calls
+        calls += 1
+        raise RuntimeError("terminal went away")
+
+    write = Recorder()
+    result = sweep(queue_of(4), call=ok, write=write, concurrency=2,
+                   deadline=time.monotonic() + 30, margin=0.1,
+                   clock=lambda: NOW, monotonic=time.monotonic, on_progress=broken_display)
+
+    assert calls == 1
+    assert (result.started, result.succeeded) == (4, 4)
+    assert len(write.outcomes) == 4
