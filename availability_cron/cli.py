@@ -18,7 +18,7 @@ import socket  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 import uuid  # noqa: E402
-from contextlib import nullcontext  # noqa: E402
+from contextlib import contextmanager, nullcontext  # noqa: E402
 from enum import IntEnum, StrEnum  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn  # noqa: E402
@@ -30,7 +30,7 @@ from .ping import TIMEOUT_SECONDS as PING_TIMEOUT_SECONDS  # noqa: E402  (stdlib
 from .settings import SPEC_BY_FIELD, SPECS, Settings, load_settings, read_env_file, scrub  # noqa: E402
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
     from contextlib import AbstractContextManager
 
     from .metrics import StalenessReport, WorkspaceStaleness
@@ -234,6 +234,48 @@ def _runtime(settings: Settings, run_id: str, started: float,
         registry=ProviderRegistry(ProviderContext(environ=environ)),
         environ=environ,
     )
+
+
+_DEFAULT_SOURCE = str(SPEC_BY_FIELD["source_table"].default)
+
+
+@contextmanager
+def _database(
+    settings: Settings,
+    purpose: str,
+    *,
+    schema: bool = True,
+    lock_url: bool = False,
+    on_failure: Callable[[AvailabilityCronError, str], None] | None = None,
+) -> Iterator[Any]:
+    """One command's connection; every failure inside becomes its exit code and message.
+
+    A ConfigError is exit 2, any other AvailabilityCronError exit 1 (``on_failure`` may
+    exit differently first, as the Nagios check does). With ``schema``, the schema is
+    checked first; with ``lock_url``, the connection goes where the refresh lock lives.
+    """
+    from . import db
+
+    secrets = settings.secrets()
+    try:
+        with db.translate_errors(secrets):
+            if lock_url:
+                conn = _lock_connection(settings, purpose)
+            else:
+                conn = db.connect(settings.require_database_url(),
+                                  application_name=f"availability-cron {purpose}",
+                                  secrets=secrets)
+            with conn:
+                if schema:
+                    db.ensure_schema(conn, settings.source_table, _DEFAULT_SOURCE)
+                yield conn
+    except AvailabilityCronError as exc:
+        message = scrub(exc.message, secrets)
+        if on_failure is not None:
+            on_failure(exc, message)
+        if isinstance(exc, ConfigError):
+            _usage_error(message)
+        _failure(message)
 
 
 def _check_database_url(settings: Settings) -> None:
@@ -544,26 +586,16 @@ def metrics(
     _configure_logging(settings.log_level, secrets=settings.secrets())
     from datetime import UTC, datetime
 
-    from . import db
     from .metrics import nagios_check, nagios_unknown, staleness, workspace_staleness
 
-    default_source = str(SPEC_BY_FIELD["source_table"].default)
-    try:
-        with db.translate_errors(settings.secrets()), db.connect(
-            settings.require_database_url(), application_name="availability-cron metrics",
-            secrets=settings.secrets(),
-        ) as conn:
-            db.ensure_schema(conn, settings.source_table, default_source)
-            now = datetime.now(UTC)
-            report = staleness(conn, settings.source_table, now)
-            rows = workspace_staleness(conn, settings.source_table, now) if per_workspace else None
-    except AvailabilityCronError as exc:
-        message = scrub(exc.message, settings.secrets())
+    def unknown(_exc: AvailabilityCronError, message: str) -> None:
         if thresholds is not None:  # Nagios: whatever stops the check is UNKNOWN
             _print_status(*nagios_unknown(message))
-        if isinstance(exc, ConfigError):
-            _usage_error(message)
-        _failure(message)
+
+    with _database(settings, "metrics", on_failure=unknown) as conn:
+        now = datetime.now(UTC)
+        report = staleness(conn, settings.source_table, now)
+        rows = workspace_staleness(conn, settings.source_table, now) if per_workspace else None
     if thresholds is not None:
         _print_status(*nagios_check(report, *thresholds))
     if prometheus:
@@ -615,17 +647,9 @@ def db_migrate(
     _configure_logging(settings.log_level, secrets=settings.secrets())
     from . import db
 
-    try:
-        with db.translate_errors(settings.secrets()), db.connect(
-            settings.require_database_url(), application_name="availability-cron migrate",
-            secrets=settings.secrets(),
-        ) as conn:
-            applied = db.migrate(conn)
-            version = db.latest_migration()
-    except ConfigError as exc:
-        _usage_error(scrub(exc.message, settings.secrets()))
-    except AvailabilityCronError as exc:
-        _failure(scrub(exc.message, settings.secrets()))
+    with _database(settings, "migrate", schema=False) as conn:
+        applied = db.migrate(conn)
+        version = db.latest_migration()
     _print_json({
         "success": True,
         "applied": [f"{m.version:04d}_{m.name}" for m in applied],
@@ -724,16 +748,10 @@ def lock_status(
     _configure_logging(settings.log_level, secrets=settings.secrets())
     from datetime import UTC, datetime
 
-    from . import db, lock
+    from . import lock
 
-    try:
-        with db.translate_errors(settings.secrets()), \
-                _lock_connection(settings, "lock-status") as conn:
-            report = lock.status(conn, settings.lock_name, now=datetime.now(UTC)).as_json()
-    except ConfigError as exc:
-        _usage_error(scrub(exc.message, settings.secrets()))
-    except AvailabilityCronError as exc:
-        _failure(scrub(exc.message, settings.secrets()))
+    with _database(settings, "lock-status", schema=False, lock_url=True) as conn:
+        report = lock.status(conn, settings.lock_name, now=datetime.now(UTC)).as_json()
     if _resolve_format(output) is OutputFormat.table:
         _print_table(f"lock {settings.lock_name!r}", _flat(report))
     else:
@@ -783,22 +801,15 @@ def lock_release(
                      lock_name=lock_name, log_level=log_level)
     _check_database_url(settings)
     _configure_logging(settings.log_level, secrets=settings.secrets())
-    from . import db, lock
+    from . import lock
 
     def confirm(holder: lock.LockHolder) -> bool:
         return yes or typer.confirm(
             f"Terminate backend pid {holder.pid} ({holder.application_name}), which has held "
             f"the lock for {holder.held_for_seconds or 0:.0f}s?", err=True)
 
-    try:
-        with db.translate_errors(settings.secrets()), \
-                _lock_connection(settings, "lock-release") as conn:
-            result = lock.release_stuck(conn, settings.lock_key, older_than=bound,
-                                        confirm=confirm)
-    except ConfigError as exc:
-        _usage_error(scrub(exc.message, settings.secrets()))
-    except AvailabilityCronError as exc:
-        _failure(scrub(exc.message, settings.secrets()))
+    with _database(settings, "lock-release", schema=False, lock_url=True) as conn:
+        result = lock.release_stuck(conn, settings.lock_key, older_than=bound, confirm=confirm)
     report = result.as_json()
     if _resolve_format(output) is OutputFormat.table:
         _print_table(f"lock {settings.lock_name!r} release", _flat(report))
@@ -838,22 +849,11 @@ def show(
     _configure_logging(settings.log_level, secrets=settings.secrets())
     from datetime import UTC, datetime
 
-    from . import db
     from .show import describe
 
-    default_source = str(SPEC_BY_FIELD["source_table"].default)
-    try:
-        with db.translate_errors(settings.secrets()), db.connect(
-            settings.require_database_url(), application_name="availability-cron show",
-            secrets=settings.secrets(),
-        ) as conn:
-            db.ensure_schema(conn, settings.source_table, default_source)
-            view = describe(conn, settings.source_table, workspace, now=datetime.now(UTC),
-                            environ=environ, secrets=settings.secrets())
-    except ConfigError as exc:
-        _usage_error(scrub(exc.message, settings.secrets()))
-    except AvailabilityCronError as exc:
-        _failure(scrub(exc.message, settings.secrets()))
+    with _database(settings, "show") as conn:
+        view = describe(conn, settings.source_table, workspace, now=datetime.now(UTC),
+                        environ=environ, secrets=settings.secrets())
     report = view.as_json()
     if _resolve_format(output) is OutputFormat.table:
         _print_table(f"workspace {workspace!r} at {report['at']}",
