@@ -545,3 +545,12 @@ def test_top_level_help_documents_exit_codes_and_precedence():
     assert re.search(r"exit codes?\W.*?\b0\b.*?\b1\b.*?\b2\b", text, re.I)
     for command in ("refresh", "metrics", "db"):
         assert command in text
+
+
+@pytest.mark.e2e
+def test_version_prints_the_package_version_and_exits_0():
+    from availability_cron import __version__
+
+    result = run_cli("--version", env=closed_port_env())
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"availability-cron {__version__}"
