@@ -356,7 +356,9 @@ def refresh(
     log_level: LogLevel = None,
 ) -> None:
     started = _process_start_monotonic()
-    run_uuid = uuid.uuid4()  # also the dead-man's-switch rid: runId is its first 12 hex digits
+    # A UUIDv7: runId is its first 12 hex digits, the run's start in Unix ms (lock.run_uuid);
+    # the whole UUID is also the dead-man's-switch rid.
+    run_uuid = _new_run_uuid()
     run_id = run_uuid.hex[:12]
     if dry_run and workspace is not None:
         _usage_error("--dry-run and --workspace cannot be combined")
@@ -427,6 +429,14 @@ def refresh(
     _record_run(settings, rt, summary)  # best effort: never changes the code or the output
     log.info("run finished: %s", "ok" if code == ExitCode.OK else "failed")
     _exit(code)
+
+
+def _new_run_uuid() -> uuid.UUID:
+    import secrets as random_source
+
+    from .lock import run_uuid
+
+    return run_uuid(time.time_ns() // 1_000_000, random_source.randbits(74))
 
 
 def _start_ping(settings: Settings, run_uuid: uuid.UUID) -> Pinger | None:

@@ -22,6 +22,7 @@ import hashlib
 import logging
 import re
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -62,6 +63,35 @@ _APPLICATION_NAME = re.compile(
     r"^availability-cron (?P<purpose>\S+) run=(?P<run_id>\S+)"
     r"(?: pid=(?P<os_pid>\d+))?(?: host=(?P<host>\S*))?"
 )
+def run_uuid(unix_ms: int, random_bits: int) -> uuid.UUID:
+    """A UUIDv7 (RFC 9562): 48 bits of Unix milliseconds, then version, variant and random.
+
+    A run's id is the first 12 hex digits of its UUID, so whoever sees a run id (in
+    pg_stat_activity, a log line, the run history) can tell when that run started:
+    `lock status` and the stuck-lock check use it to date a lock held through a pooled
+    session older than the run. The whole UUID is the dead-man's-switch ``rid``.
+    """
+    value = (unix_ms & 0xFFFF_FFFF_FFFF) << 80
+    value |= 0x7 << 76  # version 7
+    value |= ((random_bits >> 62) & 0xFFF) << 64  # rand_a
+    value |= 0b10 << 62  # RFC 9562 variant
+    value |= random_bits & ((1 << 62) - 1)  # rand_b
+    return uuid.UUID(int=value)
+
+
+def run_started_at(run_id: str | None) -> datetime | None:
+    """The start of the run whose id is ``run_id`` (see run_uuid); None if not one of ours."""
+    if not run_id or not re.fullmatch(r"[0-9a-f]{12}", run_id):
+        return None
+    try:
+        started = datetime.fromtimestamp(int(run_id, 16) / 1000, UTC)
+    except (OverflowError, OSError, ValueError):
+        return None
+    # An id from before UUIDv7 run ids (random hex) decodes to a nonsense date.
+    return started if datetime(2020, 1, 1, tzinfo=UTC) <= started <= datetime.now(UTC) \
+        + timedelta(days=1) else None
+
+
 #: application_name is truncated to NAMEDATALEN - 1 bytes.
 APPLICATION_NAME_MAX = 63
 
@@ -111,9 +141,12 @@ class LockHolder:
         if match is None:
             return None
         os_pid = match["os_pid"]
+        started = run_started_at(match["run_id"])
         return {
             "runId": match["run_id"],
             "osPid": int(os_pid) if os_pid else None,
+            # From the run id (a UUIDv7 prefix): when the holding run started.
+            "runStartedAt": started.isoformat().replace("+00:00", "Z") if started else None,
             "host": match["host"] or None,
             # A long host name is cut by PostgreSQL's 63-byte limit on application_name.
             "hostMayBeTruncated": len((self.application_name or "").encode())

@@ -135,7 +135,16 @@ LOCK_HOLDER = sql.SQL(
     SELECT l.pid,
            a.application_name,
            a.backend_start,
-           extract(epoch FROM clock_timestamp() - a.backend_start)::float8 AS held_for_seconds,
+           -- Since the lock was taken, as near as can be seen: a session-mode pooler may
+           -- hand a run a server session far older than its lock, so for our own runs
+           -- the age counts from the run's start, which its run id carries (the first 48
+           -- bits of a UUIDv7: Unix ms), when that is later than the session's start.
+           extract(epoch FROM clock_timestamp() - coalesce(
+               (SELECT started FROM (SELECT to_timestamp(('x' || lpad(substring(
+                        a.application_name FROM '^availability-cron [^ ]+ run=([0-9a-f]{12})'),
+                        16, '0'))::bit(64)::bigint / 1000.0) AS started) AS run
+                 WHERE started BETWEEN a.backend_start AND clock_timestamp()),
+               a.backend_start))::float8 AS held_for_seconds,
            a.state,
            a.query,
            (a.state IS NOT NULL) AS visible,

@@ -125,3 +125,47 @@ def test_a_lock_holder_older_than_any_run_could_be_is_reported_as_stuck(database
     assert "pg_terminate_backend(4242)" in (stuck.error or "")
     invisible = lock.LockHolder(4242, None, None, None, None, None, False)
     assert _skipped(settings, runtime, invisible).success is True
+
+
+def test_the_lock_age_counts_from_the_runs_start_not_from_an_older_pooled_session(
+    database_url, conn
+):
+    # A session-mode pooler hands a run a server session that may be an hour old: its
+    # age must not make a healthy run look stuck (or get it terminated).
+    from availability_cron.lock import run_started_at, run_uuid
+
+    key = lock.lock_key("age-test")
+    with psycopg.connect(database_url, autocommit=True) as pooled:
+        time.sleep(2.5)  # the server session is now 2.5 s old; the run starts now
+        run_id = run_uuid(time.time_ns() // 1_000_000, 12345).hex[:12]
+        name = f"availability-cron lock run={run_id} pid=4242 host=testhost"
+        pooled.execute("SELECT set_config('application_name', %s, false)", (name,))
+        with lock.take(pooled, key) as taken:
+            assert taken is not None
+            seen = lock.find_holder(conn, key)
+            assert seen is not None and seen.held_for_seconds is not None
+            assert seen.held_for_seconds < 1.5, seen.held_for_seconds
+            run = seen.run()
+            assert run is not None and run["runId"] == run_id
+            assert run["osPid"] == 4242 and run["host"] == "testhost"
+            assert run["runStartedAt"] is not None
+    # A holder that is not one of our runs gets its session's age.
+    with psycopg.connect(database_url, autocommit=True, application_name="psql") as other:
+        time.sleep(1.2)
+        other.execute("SELECT pg_advisory_lock(%s)", (key,))
+        seen = lock.find_holder(conn, key)
+        assert seen is not None and seen.held_for_seconds is not None
+        assert seen.held_for_seconds >= 1.2
+    # Old-style random run ids decode to nonsense dates and are ignored.
+    assert run_started_at("ffffffffffff") is None
+    assert run_started_at("not-a-run-id") is None
+
+
+def test_run_ids_are_uuid7_prefixes_carrying_the_run_start():
+    from availability_cron.lock import run_started_at, run_uuid
+
+    ms = 1_795_907_256_789
+    value = run_uuid(ms, (1 << 74) - 1)
+    assert value.version == 7 and value.variant == "specified in RFC 4122"
+    started = run_started_at(value.hex[:12])
+    assert started is not None and int(started.timestamp() * 1000) == ms
