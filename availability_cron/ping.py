@@ -28,7 +28,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ class Pinger:
 
         try:
             response = self._client.post(
-                self.url + suffix, params={"rid": self.rid}, content=body,
+                ping_url(self.url, suffix, self.rid), content=body,
                 headers={"Content-Type": "application/json"} if body else None,
             )
         except httpx.HTTPError as exc:
@@ -160,3 +160,16 @@ def pinger(url: str | None, rid: uuid.UUID, *, user_agent: str) -> Pinger | None
         log.warning("dead-man's-switch ping to %s disabled for this run: %s", where(url),
                     type(exc).__name__)
         return None
+
+
+def ping_url(base: str, suffix: str, rid: str) -> str:
+    """``base`` with ``suffix`` ("/start", "/fail" or "") appended to its *path* and ``rid``
+    added to its query, keeping any query it has (Healthchecks' ``?create=1``): appending
+    to the string would put "/fail" inside the query, and a failing run would then be
+    reported as a success."""
+    parts = urlsplit(base)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "rid"]
+    query.append(("rid", rid))
+    return urlunsplit(parts._replace(path=parts.path.rstrip("/") + suffix,
+                                     query=urlencode(query)))
+

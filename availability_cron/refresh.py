@@ -20,6 +20,7 @@ import math
 import random
 import re
 import threading
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -240,7 +241,9 @@ class Outcome:
         return self.error is None
 
 
-_SECRET_KEY = re.compile(r"(token|secret|password|passwd|api[_-]?key|authorization|auth)", re.I)
+_SECRET_KEY = re.compile(
+    r"(token|secret|password|passwd|api[_-]?key|access[_-]?key|key$|authorization|auth"
+    r"|credential|cookie|signature|private)", re.I)
 
 
 def config_secrets(config: Any, environ: Mapping[str, str]) -> list[str]:
@@ -280,6 +283,8 @@ def redact_config(config: Any) -> Any:
             return value
         if _SECRET_KEY.search(key) and value is not None:
             return "***"
+        if isinstance(value, str) and "://" in value:
+            return _url_shown(value)
         if isinstance(value, Mapping):
             return {str(k): visit(v, str(k)) for k, v in value.items()}
         if isinstance(value, list):
@@ -287,6 +292,21 @@ def redact_config(config: Any) -> Any:
         return value
 
     return visit(config)
+
+
+def _url_shown(url: str) -> str:
+    """A URL fit to print: scheme, host and port only when it carries more.
+
+    Private calendar feeds (Google, iCloud, Outlook) keep their secret in the path, and
+    in-house endpoints often in the query: neither is shown."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "***"
+    rest = parts.path.strip("/") or parts.query or parts.fragment
+    return f"{parts.scheme}://{host}{port}" + ("/***" if rest else "")
 
 
 def normalize_slots(

@@ -266,3 +266,14 @@ def test_a_ping_url_path_is_one_of_the_settings_secrets():
     settings = make_settings(None, ping_url=f"https://hc-ping.com/{SECRET}")
 
     assert SECRET in settings.secrets()
+
+
+def test_a_ping_url_with_a_query_keeps_start_and_fail_in_the_path():
+    from availability_cron.ping import ping_url
+
+    base = "https://hc.example/ping/0123456789abcdef/my-job?create=1"
+    assert ping_url(base, "/fail", "r1") == (
+        "https://hc.example/ping/0123456789abcdef/my-job/fail?create=1&rid=r1")
+    assert ping_url(base, "/start", "r1").split("?")[0].endswith("/my-job/start")
+    assert ping_url(base, "", "r1") == (
+        "https://hc.example/ping/0123456789abcdef/my-job?create=1&rid=r1")

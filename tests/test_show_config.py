@@ -85,7 +85,8 @@ def test_show_prints_the_source_and_cache_rows_without_any_secret(database_url, 
     assert config["token"] == "***"
     assert config["token_env"] == "ACME_TOKEN"  # the variable's name, not its value
     assert config["event_type_id"] == 1234567
-    assert config["base_url"] == "https://cal.example/api?key=***"
+    # A URL shows only where it points: paths and queries may hold credentials.
+    assert config["base_url"] == "https://cal.example/***"
 
 
 @pytest.mark.e2e
@@ -271,3 +272,24 @@ def test_help_of_show_and_config_documents_their_exit_codes(command, codes):
 
     assert result.returncode == 0, result.stderr
     assert codes in " ".join(result.stdout.split())
+
+
+@pytest.mark.e2e
+def test_show_never_prints_a_private_feed_path_or_a_key_in_a_query(database_url, conn):
+    private = "private-4f9a8c2e0b1d4e6f8a7c9b3d2e1f0a5b"
+    add_workspace(conn, "gcal", provider="ics", config={
+        "url": f"https://calendar.google.com/calendar/ical/alice%40example.com/{private}/basic.ics",
+        "timezone": "UTC"})
+    add_workspace(conn, "inhouse", provider="http", config={
+        "url": "https://cal.internal/slots?api_key=sk_live_abcdef123456",
+        "access_key": "AKIAEXAMPLEKEY"})
+
+    gcal = run_cli("show", "gcal", env=clean_env(DATABASE_URL=database_url))
+    inhouse = run_cli("show", "inhouse", env=clean_env(DATABASE_URL=database_url))
+
+    assert gcal.returncode == 0 and inhouse.returncode == 0
+    assert private not in gcal.stdout + gcal.stderr
+    assert gcal.json()["source"]["providerConfig"]["url"] == "https://calendar.google.com/***"
+    for secret in ("sk_live_abcdef123456", "AKIAEXAMPLEKEY"):
+        assert secret not in inhouse.stdout + inhouse.stderr
+
