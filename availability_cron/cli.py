@@ -568,7 +568,8 @@ MetricsFormatOption = Annotated[MetricsFormat, typer.Option(
 def _threshold(flag: str, level: str) -> Any:
     return typer.Option(
         flag, metavar="MINUTES", show_default=False, help=f"Check mode (Nagios exit codes, see "
-        f"above): {level} when the oldest success age, or the lock-skip streak read as minutes "
+        f"above): {level} when the data age (oldest success, or oldest workspace never "
+        f"refreshed), or the lock-skip streak read as minutes "
         "(one skipped run a minute), is above this many minutes. Equal is not above.")
 
 

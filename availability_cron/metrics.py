@@ -91,6 +91,9 @@ class StalenessReport:
     success_age_p50_seconds: float | None
     success_age_p95_seconds: float | None
     runs: RunHistory = field(default_factory=RunHistory)
+    #: How long the oldest enabled workspace without any successful refresh has existed
+    #: (since its created_at): data that never arrived is the stalest of all.
+    oldest_never_succeeded_age_seconds: float | None = None
 
     @property
     def oldest_success_age_minutes(self) -> float | None:
@@ -109,6 +112,7 @@ class StalenessReport:
             "oldestRangeStartAgeMinutes": _minutes(self.oldest_range_start_age_seconds),
             "successAgeP50Minutes": _minutes(self.success_age_p50_seconds),
             "successAgeP95Minutes": _minutes(self.success_age_p95_seconds),
+            "oldestNeverSucceededAgeMinutes": _minutes(self.oldest_never_succeeded_age_seconds),
             **self.runs.as_json(),
         }
 
@@ -164,6 +168,8 @@ def staleness(conn: db.Connection, source_table: str, now: datetime) -> Stalenes
         success_age_p50_seconds=_float(row["success_age_p50_seconds"]),
         success_age_p95_seconds=_float(row["success_age_p95_seconds"]),
         runs=run_history(conn, now),
+        oldest_never_succeeded_age_seconds=_seconds_since(
+            now, row["oldest_never_succeeded_created_at"]),
     )
 
 
@@ -234,6 +240,9 @@ def _gauges(report: StalenessReport) -> list[tuple[str, str, float | None]]:
         ("oldest_range_start_age_seconds",
          "Age of the oldest availability window start among enabled workspaces.",
          report.oldest_range_start_age_seconds),
+        ("oldest_never_succeeded_age_seconds",
+         "Time since the oldest enabled workspace without any successful refresh was created.",
+         report.oldest_never_succeeded_age_seconds),
         ("success_age_p50_seconds",
          "Median age of the last successful refresh (percentile_cont, workspaces that ever "
          "succeeded).", report.success_age_p50_seconds),
@@ -407,13 +416,18 @@ def nagios_unknown(reason: str) -> tuple[NagiosStatus, str]:
 def nagios_check(report: StalenessReport, warn: float, crit: float) -> tuple[NagiosStatus, str]:
     """Evaluate the report against thresholds in minutes: (status, one status line).
 
-    Two measures: the oldest success age in minutes (as the JSON shows it, rounded to
-    0.01), and the lock-skip streak, read as minutes since runs start every minute.
+    Two measures: the data age in minutes, the larger of the oldest success age and the
+    time the oldest workspace without any success has existed (as the JSON shows them,
+    rounded to 0.01), and the lock-skip streak, read as minutes since runs start every minute.
     Each is WARNING above ``warn`` and CRITICAL above ``crit``; the status is the worse
     of the two. A measure with no data is shown as n/a (perfdata ``U``) and ignored;
     with neither, the status is UNKNOWN.
     """
-    age = report.oldest_success_age_minutes
+    # Data that never arrived counts too: a workspace created an hour ago whose refreshes
+    # all fail is an hour without data, though it has no "last success" to age.
+    waiting = _minutes(report.oldest_never_succeeded_age_seconds)
+    ages = [a for a in (report.oldest_success_age_minutes, waiting) if a is not None]
+    age = max(ages) if ages else None
     streak = report.runs.lock_skip_streak
     if age is None and streak is None:
         return nagios_unknown(
@@ -438,7 +452,7 @@ def nagios_check(report: StalenessReport, warn: float, crit: float) -> tuple[Nag
         return f"{label}={'U' if value is None else _num(value)};{_num(warn)};{_num(crit)}"
 
     return status, (
-        f"{CHECK_NAME} {status.name} - oldest success {shown(age, ' min')}, "
+        f"{CHECK_NAME} {status.name} - data age {shown(age, ' min')}, "
         f"lock-skip streak {shown(streak, '')} | "
-        f"{perf('oldest_success_minutes', age)} {perf('lock_skip_streak', streak)}"
+        f"{perf('data_age_minutes', age)} {perf('lock_skip_streak', streak)}"
     )

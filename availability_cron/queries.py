@@ -293,11 +293,17 @@ PRUNE_RUNS = sql.SQL("DELETE FROM availability_cron_runs WHERE started_at < %(be
 # Staleness of enabled workspaces, measured from the last *successful* refresh.
 STALENESS = sql.SQL(
     """
-    WITH w AS (SELECT workspace_id FROM {source} WHERE enabled),
+    WITH w AS (SELECT workspace_id, created_at FROM {source} WHERE enabled),
          c AS (SELECT c.stale_at, c.refreshed_at, c.range_start, c.last_error
                  FROM workspace_availability_cache AS c
                  JOIN w ON w.workspace_id = c.workspace_id)
     SELECT (SELECT count(*) FROM w) AS workspaces,
+           -- The longest any enabled workspace has existed without a first success.
+           (SELECT min(w.created_at) FROM w
+             WHERE NOT EXISTS (SELECT 1 FROM workspace_availability_cache AS x
+                                WHERE x.workspace_id = w.workspace_id
+                                  AND x.refreshed_at IS NOT NULL))
+               AS oldest_never_succeeded_created_at,
            count(*) AS caches,
            count(*) FILTER (WHERE c.stale_at <= %(now)s) AS stale_due,
            count(*) FILTER (WHERE c.last_error IS NOT NULL) AS erroring_caches,

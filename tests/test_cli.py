@@ -36,7 +36,8 @@ SUMMARY_KEYS = {
 METRICS_KEYS = {
     "at", "workspaces", "caches", "missingCaches", "staleDue", "erroringCaches",
     "neverSucceeded", "oldestSuccessAgeMinutes", "oldestRangeStartAgeMinutes",
-    "successAgeP50Minutes", "successAgeP95Minutes", "lastRunAt", "lastCompletedRunAt",
+    "successAgeP50Minutes", "successAgeP95Minutes", "oldestNeverSucceededAgeMinutes",
+    "lastRunAt", "lastCompletedRunAt",
     "lastRefreshingRunAt", "lockSkipStreak", "runs24h", "runsFailed24h", "runsOverBudget24h",
     "runDurationP50Ms", "runDurationP95Ms",
 }

@@ -160,3 +160,25 @@ def test_oldest_range_start_age_is_measured_from_the_fetch_minute(database_url, 
 
     assert got["oldestRangeStartAgeMinutes"] == 60.0
     assert 59.0 < got["oldestSuccessAgeMinutes"] <= 59.5  # refreshed at or after NOW + 30 s
+
+
+def test_a_workspace_that_never_got_data_is_aged_from_its_creation(database_url, conn):
+    from datetime import timedelta
+
+    from helpers import NOW, add_cache, add_workspace
+
+    from availability_cron.metrics import staleness
+
+    add_workspace(conn, "ok", created_at=NOW - timedelta(days=2))
+    add_cache(conn, "ok", refreshed_at=NOW - timedelta(minutes=2), slots=[],
+              stale_at=NOW + timedelta(minutes=1))
+    add_workspace(conn, "failing", created_at=NOW - timedelta(minutes=90))
+    add_cache(conn, "failing", stale_at=NOW + timedelta(minutes=5), last_error="[permanent] x",
+              consecutive_failures=7)
+    add_workspace(conn, "new", created_at=NOW - timedelta(minutes=1))
+
+    report = staleness(conn, "availability_workspaces", NOW).as_json()
+
+    assert report["oldestSuccessAgeMinutes"] == 2.0
+    assert report["oldestNeverSucceededAgeMinutes"] == 90.0
+    assert report["neverSucceeded"] == 2

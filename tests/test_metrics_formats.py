@@ -8,6 +8,7 @@ installed command against a real database, one per Nagios exit code.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat
 import threading
@@ -81,7 +82,8 @@ def report_with(age_minutes: float | None, streak: int | None) -> StalenessRepor
 
 
 def test_prometheus_text_has_every_number_as_a_gauge_with_ages_in_seconds():
-    families = parse(render_prometheus(REPORT))
+    families = parse(render_prometheus(
+        dataclasses.replace(REPORT, oldest_never_succeeded_age_seconds=300.0)))
 
     assert all(f.type == "gauge" and f.documentation for f in families.values())
     assert all(name.startswith("availability_cron_") for name in families)
@@ -94,6 +96,7 @@ def test_prometheus_text_has_every_number_as_a_gauge_with_ages_in_seconds():
         "availability_cron_never_succeeded_workspaces": 14,
         "availability_cron_oldest_success_age_seconds": 754.25,
         "availability_cron_oldest_range_start_age_seconds": 760.0,
+        "availability_cron_oldest_never_succeeded_age_seconds": 300.0,
         "availability_cron_success_age_p50_seconds": 31.5,
         "availability_cron_success_age_p95_seconds": 58.0,
         "availability_cron_last_run_timestamp_seconds": (NOW - timedelta(seconds=20)).timestamp(),
@@ -242,22 +245,22 @@ def test_the_status_line_follows_the_plugin_output_format():
     status, line = nagios_check(report_with(1.2, 0), 30, 60)
 
     assert status is NagiosStatus.OK
-    assert line == ("AVAILABILITY-CRON OK - oldest success 1.2 min, lock-skip streak 0 | "
-                    "oldest_success_minutes=1.2;30;60 lock_skip_streak=0;30;60")
+    assert line == ("AVAILABILITY-CRON OK - data age 1.2 min, lock-skip streak 0 | "
+                    "data_age_minutes=1.2;30;60 lock_skip_streak=0;30;60")
 
 
 def test_the_status_line_says_which_threshold_was_crossed():
     _, line = nagios_check(report_with(75.5, 31), 30, 60.5)
 
-    assert line.startswith("AVAILABILITY-CRON CRITICAL - oldest success 75.5 min (> 60.5), "
+    assert line.startswith("AVAILABILITY-CRON CRITICAL - data age 75.5 min (> 60.5), "
                            "lock-skip streak 31 (> 30) | ")
 
 
 def test_a_measure_without_data_is_shown_as_n_a_with_undetermined_perfdata():
     _, line = nagios_check(report_with(None, 2), 30, 60)
 
-    assert "oldest success n/a" in line
-    assert "oldest_success_minutes=U;30;60" in line
+    assert "data age n/a" in line
+    assert "data_age_minutes=U;30;60" in line
 
 
 def test_an_unknown_status_line_stays_on_one_line():
@@ -379,8 +382,8 @@ def test_the_check_exits_with_the_nagios_code_of_the_oldest_success_age(
 
     assert result.returncode == int(expected), result.stderr
     [line] = result.stdout.splitlines()
-    assert line.startswith(f"AVAILABILITY-CRON {expected.name} - oldest success ")
-    assert "| oldest_success_minutes=" in line and "lock_skip_streak=0;30;60" in line
+    assert line.startswith(f"AVAILABILITY-CRON {expected.name} - data age ")
+    assert "| data_age_minutes=" in line and "lock_skip_streak=0;30;60" in line
 
 
 @pytest.mark.e2e
@@ -456,4 +459,18 @@ def test_metrics_help_says_check_mode_exit_codes_follow_nagios():
     assert "Nagios" in text
     for phrase in ("0 OK", "1 WARNING", "2 CRITICAL", "3 UNKNOWN"):
         assert phrase in text
+
+
+def test_the_check_counts_workspaces_that_never_got_data_as_stale_since_created():
+    # Every workspace has failed since it was created 90 minutes ago: no "last success"
+    # to age, yet the apps have had no data for 90 minutes.
+    never = StalenessReport(
+        at=NOW, workspaces=50, caches=50, missing_caches=0, stale_due=0, erroring_caches=50,
+        never_succeeded=50, oldest_success_age_seconds=None,
+        oldest_range_start_age_seconds=None, success_age_p50_seconds=None,
+        success_age_p95_seconds=None, runs=RUNS, oldest_never_succeeded_age_seconds=90 * 60.0,
+    )
+    status, line = nagios_check(never, 30, 60)
+    assert status is NagiosStatus.CRITICAL
+    assert "data age 90 min" in line
 
