@@ -32,6 +32,9 @@ Outcome = Literal["completed", "skipped", "failed"]
 #: Statement and lock timeout of each history statement: they run after the run itself
 #: and must not hold the process (cron starts the next one a minute later) behind a lock.
 WRITE_TIMEOUT_MS = 500
+#: Most rows one run prunes: a backlog is worked off over the next runs (a day of runs is
+#: 1,440 rows, so a run always removes more than it adds).
+PRUNE_BATCH = 5000
 #: Connect timeout of the history connection (libpq's minimum is 2 s).
 CONNECT_TIMEOUT_SECONDS = 2
 #: The most recording can add to a run: one connect attempt and three statements.
@@ -84,8 +87,10 @@ def record_run(
 
 
 def prune(conn: db.Connection, retention_days: int, now: datetime) -> int:
-    """Delete the runs that started more than ``retention_days`` before ``now``; return how many."""
-    cur = conn.execute(queries.PRUNE_RUNS, {"before": now - timedelta(days=retention_days)})
+    """Delete up to PRUNE_BATCH of the runs that started more than ``retention_days`` before
+    ``now``, oldest first; return how many."""
+    cur = conn.execute(queries.PRUNE_RUNS, {"before": now - timedelta(days=retention_days),
+                                            "batch": PRUNE_BATCH})
     return max(cur.rowcount, 0)
 
 
@@ -106,18 +111,19 @@ def record_best_effort(
     on return.
     """
     secrets = settings.secrets()
+    step = "run not recorded in availability_cron_runs"
     try:
         with db.translate_errors(secrets), connect() as conn:
             conn.execute(queries.SET_TIMEOUTS, {"ms": str(WRITE_TIMEOUT_MS)})
             record_run(conn, summary, host=host, pid=pid, finished_at=now(), secrets=secrets)
+            step = "run recorded; pruning old runs deferred to a later run"
             pruned = prune(conn, settings.run_retention_days, now())
     except AvailabilityCronError as exc:
-        log.warning("run not recorded in availability_cron_runs: %s", scrub(exc.message, secrets))
-        return False
+        log.warning("%s: %s", step, scrub(exc.message, secrets))
+        return step.startswith("run recorded")
     except Exception as exc:  # best effort: nothing here may change the run's exit code
-        log.warning("run not recorded in availability_cron_runs: unexpected %s: %s",
-                    type(exc).__name__, scrub(str(exc), secrets))
-        return False
+        log.warning("%s: unexpected %s: %s", step, type(exc).__name__, scrub(str(exc), secrets))
+        return step.startswith("run recorded")
     if pruned:
         log.info("pruned %d runs older than %d days from availability_cron_runs",
                  pruned, settings.run_retention_days)

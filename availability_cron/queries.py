@@ -286,7 +286,17 @@ RECORD_RUN = sql.SQL(
 )
 
 # Retention; served by the started_at index.
-PRUNE_RUNS = sql.SQL("DELETE FROM availability_cron_runs WHERE started_at < %(before)s")
+# In bounded batches, oldest first: a backlog (after lowering the retention) is worked off
+# a batch per run instead of one statement that never fits its timeout.
+PRUNE_RUNS = sql.SQL(
+    """
+    DELETE FROM availability_cron_runs
+     WHERE run_id IN (SELECT run_id FROM availability_cron_runs
+                       WHERE started_at < %(before)s
+                       ORDER BY started_at
+                       LIMIT %(batch)s)
+    """
+)
 
 # --- metrics --------------------------------------------------------------------------------
 

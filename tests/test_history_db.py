@@ -118,6 +118,16 @@ def test_prune_deletes_runs_started_before_the_retention_and_keeps_the_rest(conn
     assert sorted(r["run_id"] for r in run_rows(conn)) == sorted(kept)
 
 
+def test_a_pruning_backlog_is_worked_off_oldest_first_a_batch_per_run(conn, monkeypatch):
+    monkeypatch.setattr(history, "PRUNE_BATCH", 3)
+    old = [add_run(conn, started_at=NOW - timedelta(days=30, minutes=m)) for m in range(7)]
+    recent = add_run(conn, started_at=NOW)
+
+    assert [history.prune(conn, 7, NOW) for _ in range(4)] == [3, 3, 1, 0]
+    assert [r["run_id"] for r in run_rows(conn)] == [recent]
+    assert len(old) == 7
+
+
 # --- record_best_effort -----------------------------------------------------------------------
 
 
