@@ -337,20 +337,24 @@ STALENESS = sql.SQL(
 # failed). Every subquery walks the started_at index; none scans the whole table.
 RUN_HISTORY = sql.SQL(
     """
-    SELECT (SELECT finished_at FROM availability_cron_runs
-             WHERE summary ->> 'workspace' IS NULL
-             ORDER BY started_at DESC LIMIT 1) AS last_run_at,
+    SELECT -- the latest finish among the latest runs (overlapping runs finish out of order)
+           (SELECT max(finished_at) FROM (SELECT finished_at FROM availability_cron_runs
+                                           WHERE summary ->> 'workspace' IS NULL
+                                           ORDER BY started_at DESC LIMIT 50) AS latest)
+               AS last_run_at,
            (SELECT finished_at FROM availability_cron_runs
              WHERE summary ->> 'workspace' IS NULL AND outcome = 'completed'
              ORDER BY started_at DESC LIMIT 1) AS last_completed_run_at,
            (SELECT finished_at FROM availability_cron_runs
              WHERE summary ->> 'workspace' IS NULL AND refreshed > 0
              ORDER BY started_at DESC LIMIT 1) AS last_refreshing_run_at,
-           -- runs newer than the newest run that was not skipped on the lock
+           -- runs started after the newest run that was not skipped on the lock had
+           -- *finished*: a run skipped while a healthy run was still going is no sign of
+           -- trouble (several hosts, or a run a little over its minute)
            (SELECT count(*) FROM availability_cron_runs AS r
              WHERE r.summary ->> 'workspace' IS NULL
                AND r.started_at > coalesce(
-                   (SELECT n.started_at FROM availability_cron_runs AS n
+                   (SELECT n.finished_at FROM availability_cron_runs AS n
                      WHERE n.summary ->> 'workspace' IS NULL
                        AND n.summary ->> 'skipped' IS DISTINCT FROM 'true'
                      ORDER BY n.started_at DESC LIMIT 1),

@@ -196,6 +196,17 @@ def test_lock_skip_streak_counts_the_newest_skipped_runs_up_to_the_first_that_wa
     assert runs_at(conn)["lockSkipStreak"] == 3
 
 
+def test_a_run_skipped_while_a_healthy_run_was_still_going_is_not_a_streak(conn):
+    # Two hosts: the second run each minute starts while the first still holds the lock.
+    add_run(conn, started_at=minutes_ago(2), outcome="completed", duration_ms=40_000)
+    add_run(conn, started_at=minutes_ago(2) + timedelta(seconds=1), outcome="skipped")
+    report = runs_at(conn)
+    assert report["lockSkipStreak"] == 0
+    # The last finish, not the last start: the completed run finished after the skip.
+    assert report["lastRunAt"] == (minutes_ago(2) + timedelta(seconds=40)).isoformat().replace(
+        "+00:00", "Z")
+
+
 def test_lock_stuck_runs_continue_the_streak_but_other_failures_end_it(conn):
     add_run(conn, started_at=minutes_ago(6), outcome="completed")
     add_run(conn, started_at=minutes_ago(5), outcome="failed")  # e.g. database down
