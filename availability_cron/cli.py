@@ -556,8 +556,8 @@ instead, printing nothing on stdout.
 
 Check mode: with --warn-after and --critical-after, it prints one Nagios status line and
 the exit codes follow the Nagios plugin convention instead: 0 OK, 1 WARNING, 2 CRITICAL,
-3 UNKNOWN (database unreachable, schema missing, no data at all). Invalid options still
-exit 2 before anything is checked.
+3 UNKNOWN (database unreachable, schema missing, no data at all, or an invalid option
+or setting: each with its one status line).
 """
 
 MetricsFormatOption = Annotated[MetricsFormat, typer.Option(
@@ -591,30 +591,41 @@ def metrics(
     source_table: SourceTable = None,
     log_level: LogLevel = None,
 ) -> None:
-    settings = _load(env_file, database_url=database_url, source_table=source_table,
-                     log_level=log_level)
-    from .metrics import validate_thresholds
+    from .metrics import nagios_unknown, validate_thresholds
+
+    def usage(message: str) -> NoReturn:
+        # In check mode every error is UNKNOWN with a status line: a bare exit 2 with
+        # nothing on stdout would read as CRITICAL "(No output)" to Nagios.
+        if warn_after is not None or critical_after is not None:
+            _print_status(*nagios_unknown(message))
+        _usage_error(message)
 
     try:
+        dotenv, _ = _environment(env_file)
+        settings = load_settings({"database_url": database_url, "source_table": source_table,
+                                  "log_level": log_level}, os.environ, dotenv)
         thresholds = validate_thresholds(warn_after, critical_after)
+        from . import db
+
+        db.check_url(settings.require_database_url())
     except ConfigError as exc:
-        _usage_error(exc.message)
+        usage(exc.message)
     prometheus = output is MetricsFormat.prometheus or textfile is not None
     if thresholds is not None and (output is not MetricsFormat.auto or per_workspace
                                    or textfile is not None):
-        _usage_error("--warn-after/--critical-after print a status line: they cannot be "
-                     "combined with --format, --per-workspace or --textfile")
+        usage("--warn-after/--critical-after print a status line: they cannot be "
+              "combined with --format, --per-workspace or --textfile")
     if textfile is not None and output not in (MetricsFormat.auto, MetricsFormat.prometheus):
-        _usage_error(f"--textfile writes the Prometheus format, not --format {output.value}")
+        usage(f"--textfile writes the Prometheus format, not --format {output.value}")
     if per_workspace and not prometheus:
-        _usage_error("--per-workspace needs --format prometheus or --textfile")
+        usage("--per-workspace needs --format prometheus or --textfile")
     if textfile is not None and not textfile.absolute().parent.is_dir():
-        _usage_error(f"--textfile: directory {str(textfile.absolute().parent)!r} does not exist")
+        usage(f"--textfile: directory {str(textfile.absolute().parent)!r} does not exist")
     _check_database_url(settings)
     _configure_logging(settings.log_level, secrets=settings.secrets())
     from datetime import UTC, datetime
 
-    from .metrics import nagios_check, nagios_unknown, staleness, workspace_staleness
+    from .metrics import nagios_check, staleness, workspace_staleness
 
     def unknown(_exc: AvailabilityCronError, message: str) -> None:
         if thresholds is not None:  # Nagios: whatever stops the check is UNKNOWN

@@ -233,7 +233,13 @@ def read_env_file(path: Path | None, cwd: Path) -> dict[str, str]:
         path = candidate
     elif not path.is_file():
         raise ConfigError(f"--env-file {str(path)!r} does not exist or is not a file")
-    return {k: v for k, v in dotenv_values(path).items() if v is not None}
+    try:
+        with path.open(encoding="utf-8") as stream:
+            values = dotenv_values(stream=stream)
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(f"env file {str(path)!r} cannot be read: {reason}") from None
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def load_settings(

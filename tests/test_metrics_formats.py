@@ -438,6 +438,20 @@ def test_the_check_is_unknown_when_there_is_no_data_at_all(database_url):
     pytest.param(("--warn-after", "30"), id="warn-alone"),
     pytest.param(("--warn-after", "30", "--critical-after", "60", "--format", "json"),
                  id="check-with-format"),
+    pytest.param(("--warn-after", "30", "--critical-after", "60", "--env-file", "/nonexistent"),
+                 id="check-with-missing-env-file"),
+])
+def test_bad_options_in_check_mode_are_unknown_with_a_status_line(args):
+    # The plugin guidelines: a usage error is UNKNOWN (3), with one line saying why.
+    result = run_cli("metrics", *args, env=clean_env(DATABASE_URL=CLOSED_PORT_URL))
+
+    assert result.returncode == 3, (result.stdout, result.stderr)
+    lines = result.stdout.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("AVAILABILITY-CRON UNKNOWN - ")
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("args", [
     pytest.param(("--per-workspace",), id="per-workspace-without-prometheus"),
     pytest.param(("--textfile", "/nonexistent-dir/x.prom"), id="textfile-dir-missing"),
     pytest.param(("--textfile", "x.prom", "--format", "table"), id="textfile-with-table"),
