@@ -67,8 +67,9 @@ def _resolve_format(output: OutputFormat) -> OutputFormat:
 
 
 EXIT_CODES_HELP = (
-    "Exit codes: 0 done (or skipped: another run holds the lock); 1 real failure "
-    "(database unreachable, schema missing, connection lost); 2 bad usage or configuration."
+    "Exit codes: 0 done (or skipped: a healthy run holds the lock); 1 real failure "
+    "(database unreachable, schema missing, connection lost, lock stuck); 2 bad usage or "
+    "configuration."
 )
 
 HELP = f"""Keep per-workspace calendar-availability caches in PostgreSQL fresh.
