@@ -219,3 +219,29 @@ def run_cli(
         capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL,
     )
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+def wait_for_backend(conn: psycopg.Connection[Any], purpose: str, timeout: float = 10) -> int:
+    """The backend pid of a run's connection for ``purpose`` ("lock", "work"), once it exists."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        row = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE application_name LIKE %s",
+            (f"availability-cron {purpose} run=%",),
+        ).fetchone()
+        if row:
+            return int(row[0])
+        time.sleep(0.05)
+    raise AssertionError(f"the run never opened its {purpose} connection")
+
+
+def wait_for_caches(conn: psycopg.Connection[Any], count: int, timeout: float = 10) -> None:
+    """Return once at least ``count`` cache rows exist (the run is provably mid-way)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        row = conn.execute("SELECT count(*) FROM workspace_availability_cache").fetchone()
+        if row and row[0] >= count:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"fewer than {count} caches were written")
+

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import subprocess
 import time
-from typing import Any
 
 import psycopg
 import pytest
-from helpers import CLI, add_workspace, clean_env
+from helpers import CLI, add_workspace, clean_env, wait_for_backend, wait_for_caches
 
 from availability_cron import lock
 
@@ -28,20 +27,6 @@ def _start_slow_run(database_url: str) -> subprocess.Popen[str]:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _backend_pid(conn: psycopg.Connection[Any], purpose: str, deadline_s: float = 10) -> int:
-    """Wait for the run's connection whose application_name starts with that purpose."""
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        row = conn.execute(
-            "SELECT pid FROM pg_stat_activity WHERE application_name LIKE %s",
-            (f"availability-cron {purpose} run=%",),
-        ).fetchone()
-        if row:
-            return int(row[0])
-        time.sleep(0.05)
-    raise AssertionError(f"the run never opened its {purpose} connection")
-
-
 @pytest.mark.parametrize(
     ("purpose", "expected"),
     [("work", "connection was lost mid-run"), ("lock", "lock connection was lost")],
@@ -53,14 +38,8 @@ def test_a_run_whose_connection_is_terminated_stops_with_exit_1_and_says_so(
         add_workspace(conn, f"ws-{i:02d}", config={"latency_ms": 250})
     proc = _start_slow_run(database_url)
     try:
-        pid = _backend_pid(conn, purpose)
-        # Let it refresh a few workspaces first, so the fault really is mid-run.
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            row = conn.execute("SELECT count(*) FROM workspace_availability_cache").fetchone()
-            if row and row[0] >= 2:
-                break
-            time.sleep(0.05)
+        pid = wait_for_backend(conn, purpose)
+        wait_for_caches(conn, 2)  # so the fault really is mid-run
         started = time.monotonic()
         conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
         stdout, stderr = proc.communicate(timeout=30)
@@ -116,7 +95,7 @@ def test_losing_the_lock_is_noticed_within_seconds_even_while_every_call_is_slow
     proc = subprocess.Popen([CLI, "refresh"], env=env, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        pid = _backend_pid(conn, "lock")
+        pid = wait_for_backend(conn, "lock")
         time.sleep(0.5)
         started = time.monotonic()
         conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
@@ -138,13 +117,8 @@ def test_a_run_failing_midway_still_counts_the_work_it_wrote(database_url, conn)
         add_workspace(conn, f"ws-{i:02d}", config={"latency_ms": 250})
     proc = _start_slow_run(database_url)
     try:
-        pid = _backend_pid(conn, "work")
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            row = conn.execute("SELECT count(*) FROM workspace_availability_cache").fetchone()
-            if row and row[0] >= 3:
-                break
-            time.sleep(0.05)
+        pid = wait_for_backend(conn, "work")
+        wait_for_caches(conn, 3)
         conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
         stdout, _ = proc.communicate(timeout=30)
     finally:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
-import time
 from datetime import timedelta
 from typing import Any
 
@@ -25,6 +24,8 @@ from helpers import (
     make_settings,
     run_cli,
     run_rows,
+    wait_for_backend,
+    wait_for_caches,
 )
 
 from availability_cron import history, lock, metrics
@@ -374,8 +375,8 @@ def test_a_run_whose_lock_connection_dies_midway_is_recorded_as_failed(database_
     proc = subprocess.Popen([CLI, "refresh"], env=env, stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        pid = _wait_for_backend(conn, "lock")
-        _wait_for_caches(conn, 2)
+        pid = wait_for_backend(conn, "lock")
+        wait_for_caches(conn, 2)
         conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
         stdout, stderr = proc.communicate(timeout=30)
     finally:
@@ -434,27 +435,4 @@ def test_a_dry_run_is_not_recorded(database_url, conn):
 
     assert result.returncode == 0, result.stderr
     assert run_rows(conn) == []
-
-
-def _wait_for_backend(conn: psycopg.Connection[Any], purpose: str) -> int:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        row = conn.execute(
-            "SELECT pid FROM pg_stat_activity WHERE application_name LIKE %s",
-            (f"availability-cron {purpose} run=%",),
-        ).fetchone()
-        if row:
-            return int(row[0])
-        time.sleep(0.05)
-    raise AssertionError(f"the run never opened its {purpose} connection")
-
-
-def _wait_for_caches(conn: psycopg.Connection[Any], count: int) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        row = conn.execute("SELECT count(*) FROM workspace_availability_cache").fetchone()
-        if row and row[0] >= count:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"fewer than {count} caches were written")
 
