@@ -9,10 +9,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from helpers import add_workspace, cache_row, make_runtime, make_settings
+from helpers import add_workspace, cache_row
 from httpserver import LocalServer, Reply, Seen
+from provider_contract import error_messages, run
 
-from availability_cron import refresh
 from availability_cron.providers import (
     FetchRequest,
     PermanentProviderError,
@@ -287,11 +287,8 @@ def test_the_token_never_appears_in_an_error_message(http_server, session, sourc
     cfg = config(http_server) if source == "token" else {
         "event_type_id": 123, "token_env": "CALCOM_TOKEN", "base_url": http_server.url()}
     p = provider(session, environ={"CALCOM_TOKEN": TOKEN})
-    messages = []
-    for _ in range(5):  # the fifth is refused by the rate-limit gate
-        with pytest.raises((PermanentProviderError, RetryableProviderError)) as info:
-            p.fetch(fetch_request(cfg))
-        messages.append(str(info.value))
+    # the fifth is refused by the rate-limit gate
+    messages = error_messages(p, lambda: fetch_request(cfg), 5)
     assert len(http_server.requests) == 4
     assert all(r.headers["authorization"] == f"Bearer {TOKEN}" for r in http_server.requests)
     assert not [m for m in messages if TOKEN in m or "Bearer" in m]
@@ -300,13 +297,6 @@ def test_the_token_never_appears_in_an_error_message(http_server, session, sourc
 # --- end to end through a run ---------------------------------------------------------------
 
 
-SOURCE = "availability_workspaces"
-
-
-def run(database_url: str, environ: dict[str, str]) -> refresh.RunSummary:
-    return refresh.run_refresh(make_settings(database_url, concurrency=1),
-                               make_runtime(database_url, environ=environ),
-                               default_source=SOURCE)
 
 
 def test_a_run_stores_calcoms_slots_in_utc(database_url, conn, http_server):

@@ -9,10 +9,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from helpers import add_workspace, cache_row, make_runtime, make_settings
+from helpers import add_workspace, cache_row
 from httpserver import LocalServer, Reply, Seen
+from provider_contract import error_messages, run
 
-from availability_cron import refresh
 from availability_cron.providers import (
     FetchRequest,
     PermanentProviderError,
@@ -297,26 +297,14 @@ def test_the_token_never_appears_in_an_error_message(http_server, session, sourc
     cfg = config(http_server) if source == "token" else {
         "calendar_id": CALENDAR, "token_env": "GHL_TOKEN", "base_url": http_server.url()}
     p = provider(session, environ={"GHL_TOKEN": TOKEN})
-    messages = []
-    for _ in range(5):  # the fifth is refused by the rate-limit gate
-        with pytest.raises((PermanentProviderError, RetryableProviderError)) as info:
-            p.fetch(fetch_request(cfg))
-        messages.append(str(info.value))
+    # the fifth is refused by the rate-limit gate
+    messages = error_messages(p, lambda: fetch_request(cfg), 5)
     assert len(http_server.requests) == 4
     assert all(r.headers["authorization"] == f"Bearer {TOKEN}" for r in http_server.requests)
     assert not [m for m in messages if TOKEN in m or "Bearer" in m]
 
 
 # --- end to end through a run ---------------------------------------------------------------
-
-
-SOURCE = "availability_workspaces"
-
-
-def run(database_url: str, environ: dict[str, str], **settings: object) -> refresh.RunSummary:
-    return refresh.run_refresh(make_settings(database_url, concurrency=1, **settings),
-                               make_runtime(database_url, environ=environ),
-                               default_source=SOURCE)
 
 
 def test_a_run_stores_ghls_slots_in_utc_from_consecutive_requests(
