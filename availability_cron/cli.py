@@ -227,6 +227,7 @@ def _runtime(settings: Settings, run_id: str, started: float,
 
     from . import db
     from .providers import ProviderContext, ProviderRegistry
+    from .providers.scopes import SecretScopes
     from .refresh import Runtime
 
     url = settings.require_database_url()
@@ -249,7 +250,8 @@ def _runtime(settings: Settings, run_id: str, started: float,
         monotonic=time.monotonic,
         rng=random.Random(),
         connect=connect,
-        registry=ProviderRegistry(ProviderContext(environ=environ)),
+        registry=ProviderRegistry(ProviderContext(
+            environ=environ, secret_scopes=SecretScopes.from_setting(settings.secret_scopes))),
         environ=environ,
     )
 

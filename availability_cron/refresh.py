@@ -38,6 +38,7 @@ from .providers import (
     ProviderRegistry,
     RetryableProviderError,
 )
+from .providers.scopes import Call, calling
 from .settings import Settings, scrub
 
 log = logging.getLogger(__name__)
@@ -357,8 +358,10 @@ def short_error(kind: str, exc: BaseException, secrets: list[str]) -> str:
     Control characters go: PostgreSQL text cannot hold NUL, and one provider echoing a
     NUL byte must not make every batch write (and so every run) fail.
     """
-    text = " ".join(_CONTROL.sub(" ", str(exc)).split()) or type(exc).__name__
-    return scrub(f"[{kind}] {text}", secrets)[:MAX_ERROR_CHARS]
+    # Scrubbed first, folded and cut after: a secret holding a tab or two spaces would no
+    # longer match once folded, and a cut before the scrub could leave part of one behind.
+    text = " ".join(_CONTROL.sub(" ", scrub(str(exc), secrets)).split()) or type(exc).__name__
+    return f"[{kind}] {text}"[:MAX_ERROR_CHARS]
 
 
 @dataclass(frozen=True)
@@ -383,22 +386,18 @@ def call_provider(item: PlannedRefresh, ctx: CallContext) -> Outcome:
     slots: tuple[str, ...] | None = None
     error: str | None = None
     retry_after: float | None = None
+    provider_context = ctx.registry.context
+    # Every secret the provider resolves, and every request it sends, is checked against
+    # the operator's scopes for *this* workspace (providers.scopes).
+    call = Call(item.workspace_id, provider_context.secret_scopes,
+                provider_context.destinations)
     try:
         if not isinstance(item.provider_config, Mapping):
             raise PermanentProviderError(
                 f"provider_config must be a JSON object, got {type(item.provider_config).__name__}"
             )
-        provider = ctx.registry.get(item.provider)
-        provider.validate_config(item.provider_config)
-        request = FetchRequest(
-            workspace_id=item.workspace_id,
-            config=item.provider_config,
-            window_start=window_start,
-            window_end=window_end,
-            deadline=ctx.deadline,
-            monotonic=ctx.monotonic,
-        )
-        slots = normalize_slots(provider.fetch(request), window_start, window_end)
+        with calling(call):
+            slots = _fetch(ctx, item, window_start, window_end)
     except RetryableProviderError as exc:
         error, retry_after = short_error("retryable", exc, secrets), exc.retry_after
     except PermanentProviderError as exc:
@@ -407,6 +406,21 @@ def call_provider(item: PlannedRefresh, ctx: CallContext) -> Outcome:
         log.debug("provider %s raised", item.provider, exc_info=True)
         error = short_error(f"unexpected {type(exc).__name__}", exc, secrets)
     return Outcome(item, started, ctx.clock(), window_start, window_end, slots, error, retry_after)
+
+
+def _fetch(ctx: CallContext, item: PlannedRefresh, window_start: datetime,
+           window_end: datetime) -> tuple[str, ...]:
+    provider = ctx.registry.get(item.provider)
+    provider.validate_config(item.provider_config)
+    request = FetchRequest(
+        workspace_id=item.workspace_id,
+        config=item.provider_config,
+        window_start=window_start,
+        window_end=window_end,
+        deadline=ctx.deadline,
+        monotonic=ctx.monotonic,
+    )
+    return normalize_slots(provider.fetch(request), window_start, window_end)
 
 
 # --- sweep ----------------------------------------------------------------------------------

@@ -103,6 +103,17 @@ def _directory(name: str, raw: str) -> str:
     return str(path)
 
 
+def _secret_scopes(name: str, raw: str) -> str:
+    # providers.scopes is pure (no httpx, no psycopg); imported only when the variable is set.
+    from .providers.scopes import parse_rules
+
+    try:
+        parse_rules(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name} {exc}") from None
+    return raw.strip()
+
+
 def _log_level(name: str, raw: str) -> str:
     value = raw.strip().upper()
     if value not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
@@ -167,6 +178,11 @@ SPECS: tuple[Spec, ...] = (
     # refused up front like every other setting.
     Spec("ics_file_root", "AVAILABILITY_CRON_ICS_FILE_ROOT", None, None, _directory,
          "Directory under which ics workspaces may name feed files (unset: none may)."),
+    Spec("secret_scopes", "AVAILABILITY_CRON_SECRET_SCOPES", None, None, _secret_scopes,
+         "JSON rules naming which workspaces may use which environment variable as a token "
+         "(token_env), and the hosts its value may be sent to; added to the built-in "
+         "CALCOM_TOKEN_{workspace}, CALENDLY_TOKEN_{workspace}, GHL_TOKEN_{workspace} "
+         "(docs/security.md)."),
 )
 
 SPEC_BY_FIELD = {s.field: s for s in SPECS}
@@ -192,6 +208,7 @@ class Settings:
     run_retention_days: int
     ping_url: str | None
     ics_file_root: str | None
+    secret_scopes: str | None
     #: field name -> one of SOURCES
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 

@@ -20,6 +20,7 @@ from psycopg.types.json import Jsonb
 
 from availability_cron import db
 from availability_cron.providers import Provider, ProviderContext, ProviderRegistry
+from availability_cron.providers.scopes import Call, SecretScopes, calling
 from availability_cron.refresh import Runtime
 from availability_cron.settings import Settings, load_settings
 
@@ -156,6 +157,24 @@ class FakeClock:
         return self.start + self.offset + timedelta(seconds=time.monotonic() - self._t0)
 
 
+def scopes_for(url: str, *names: str) -> SecretScopes:
+    """Operator rules letting every workspace use the variables ``names``, sent only to the
+    origin of ``url`` (a loopback test server)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    origin = f"{parts.scheme}://{parts.netloc}"
+    return SecretScopes.from_setting(json.dumps(
+        {name: {"workspaces": "*", "hosts": [origin]} for name in names}))
+
+
+def refreshing(workspace_id: str, context: ProviderContext) -> Any:
+    """Mark provider calls made inside the block as the refresh of ``workspace_id``, as the
+    sweep does (so ConfigReader can resolve token_env and the HTTP layer check where a
+    scoped secret goes)."""
+    return calling(Call(workspace_id, context.secret_scopes, context.destinations))
+
+
 def make_runtime(
     database_url: str,
     *,
@@ -164,6 +183,7 @@ def make_runtime(
     environ: Mapping[str, str] | None = None,
     run_id: str | None = None,
     started_monotonic: float | None = None,
+    secret_scopes: SecretScopes | None = None,
 ) -> Runtime:
     rid = run_id or uuid.uuid4().hex[:12]
 
@@ -179,7 +199,8 @@ def make_runtime(
         monotonic=time.monotonic,
         rng=random.Random(1234),
         connect=connect,
-        registry=ProviderRegistry(ProviderContext(environ=env), extra=providers),
+        registry=ProviderRegistry(ProviderContext(
+            environ=env, secret_scopes=secret_scopes or SecretScopes()), extra=providers),
         environ=env,
     )
 
@@ -226,7 +247,9 @@ def wait_for_backend(conn: psycopg.Connection[Any], purpose: str, timeout: float
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         row = conn.execute(
-            "SELECT pid FROM pg_stat_activity WHERE application_name LIKE %s",
+            # This test's database only: other suites may run on the same server at once.
+            "SELECT pid FROM pg_stat_activity WHERE application_name LIKE %s"
+            " AND datname = current_database()",
             (f"availability-cron {purpose} run=%",),
         ).fetchone()
         if row:

@@ -6,7 +6,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import pytest
-from helpers import make_runtime, make_settings
+from helpers import make_runtime, make_settings, refreshing, scopes_for
+from httpserver import LocalServer
 
 from availability_cron import refresh
 from availability_cron.providers import (
@@ -25,16 +26,23 @@ def error_messages(
     """Call ``provider`` ``times`` times, each expected to fail; return the messages."""
     messages = []
     for _ in range(times):
-        with pytest.raises((PermanentProviderError, RetryableProviderError)) as info:
-            provider.fetch(request())
+        req = request()
+        with pytest.raises((PermanentProviderError, RetryableProviderError)) as info, \
+                refreshing(req.workspace_id, provider.context):
+            provider.fetch(req)
         messages.append(str(info.value))
     return messages
 
 
-def run(database_url: str, environ: Mapping[str, str] | None = None,
-        **settings: Any) -> refresh.RunSummary:
-    """One in-process run, one worker by default so request order is deterministic."""
+def run(database_url: str, environ: Mapping[str, str] | None = None, *,
+        server: LocalServer | None = None, **settings: Any) -> refresh.RunSummary:
+    """One in-process run, one worker by default so request order is deterministic.
+
+    With ``server``, the operator lets every workspace send the variables of ``environ``
+    to that loopback server (AVAILABILITY_CRON_SECRET_SCOPES)."""
     settings.setdefault("concurrency", 1)
+    scopes = scopes_for(server.url(), *(environ or {})) if server else None
     return refresh.run_refresh(make_settings(database_url, **settings),
-                               make_runtime(database_url, environ=environ),
+                               make_runtime(database_url, environ=environ,
+                                            secret_scopes=scopes),
                                default_source=SOURCE)

@@ -65,6 +65,8 @@ BAD_VALUES: dict[str, list[str]] = {
     "lock_database_url": ["mysql://user@db.example/app", "nonsense"],
     "run_retention_days": ["0", "367", "abc"],
     "ping_url": ["ftp://hc.example/x", "not a url"],
+    "secret_scopes": ["not json", '{"TOKEN_{workspace}": {"hosts": []}}',
+                      '{"DB_URL": {"workspaces": "*", "hosts": ["db"]}, "PGPASS": {}}'],
 }
 
 BAD_SETTING_CASES = [

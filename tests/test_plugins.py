@@ -8,6 +8,7 @@ a plugin installed next to availability-cron would be seen.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -116,12 +117,16 @@ def test_an_installed_plugin_refreshes_its_workspaces_through_the_installed_comm
     http_server.route("/garbage", Reply(200, {"free": [{"from": at(tomorrow, 9),
                                                         "minutes": "lots"}]}))
     add_workspace(conn, "ws-example", provider="example",
-                  config={"url": http_server.url("/free"), "token_env": "EXAMPLE_TOKEN"})
+                  config={"url": http_server.url("/free"),
+                          "token_env": "EXAMPLE_TOKEN_WS_EXAMPLE"})
     add_workspace(conn, "ws-example-garbage", provider="example",
                   config={"url": http_server.url("/garbage")})
 
+    # The operator scopes the token to its workspace and to the plugin's (loopback) host.
+    scopes = json.dumps({"EXAMPLE_TOKEN_{workspace}": {"hosts": [http_server.url()]}})
     result = run_cli("refresh", env=plugin_env(database_url, plugin_site,
-                                               EXAMPLE_TOKEN=TOKEN))
+                                               EXAMPLE_TOKEN_WS_EXAMPLE=TOKEN,
+                                               AVAILABILITY_CRON_SECRET_SCOPES=scopes))
 
     assert result.returncode == 0, result.stderr
     summary = result.json()

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from helpers import add_workspace, cache_row
+from helpers import add_workspace, cache_row, refreshing, scopes_for
 from httpserver import LocalServer, Reply, Seen
 from provider_contract import error_messages, run
 
@@ -21,6 +21,7 @@ from availability_cron.providers import (
 )
 from availability_cron.providers._http import MAX_BODY_BYTES, HttpSession
 from availability_cron.providers.calcom import CalcomProvider, rate_limit_wait
+from availability_cron.providers.scopes import SecretScopes
 
 START = datetime(2026, 12, 1, tzinfo=UTC)
 END = START + timedelta(days=30)
@@ -46,8 +47,13 @@ def session() -> Iterator[HttpSession]:
     s.close()
 
 
-def provider(session: HttpSession, environ: dict[str, str] | None = None) -> CalcomProvider:
-    return CalcomProvider(ProviderContext(environ=environ or {}, http=session))
+def provider(session: HttpSession, environ: dict[str, str] | None = None,
+             server: LocalServer | None = None) -> CalcomProvider:
+    """The provider; with ``server``, the operator lets every workspace send the variables
+    of ``environ`` to that loopback server (AVAILABILITY_CRON_SECRET_SCOPES)."""
+    scopes = scopes_for(server.url(), *(environ or {})) if server else SecretScopes()
+    return CalcomProvider(ProviderContext(environ=environ or {}, http=session,
+                                          secret_scopes=scopes))
 
 
 def config(server: LocalServer, **extra: Any) -> dict[str, Any]:
@@ -61,8 +67,10 @@ def fetch_request(cfg: dict[str, Any], *, workspace: str = "ws-1",
 
 def fetch(session: HttpSession, cfg: dict[str, Any], **kwargs: Any) -> list[datetime]:
     p = provider(session)
-    p.validate_config(cfg)
-    return p.fetch(fetch_request(cfg, **kwargs))
+    request = fetch_request(cfg, **kwargs)
+    with refreshing(request.workspace_id, p.context):
+        p.validate_config(cfg)
+        return p.fetch(request)
 
 
 # --- the documented request and answer ------------------------------------------------------
@@ -102,8 +110,9 @@ def test_a_public_event_type_is_named_by_slugs_and_username_and_sent_without_a_t
 def test_a_token_is_read_from_the_variable_named_by_token_env(http_server, session):
     http_server.route("/v2/slots", Reply(200, SLOTS_BODY))
     cfg = {"event_type_id": "123", "token_env": "CALCOM_TOKEN", "base_url": http_server.url()}
-    p = provider(session, environ={"CALCOM_TOKEN": TOKEN})
-    assert len(p.fetch(fetch_request(cfg))) == 3
+    p = provider(session, environ={"CALCOM_TOKEN": TOKEN}, server=http_server)
+    with refreshing("ws-1", p.context):
+        assert len(p.fetch(fetch_request(cfg))) == 3
     assert http_server.requests[0].headers["authorization"] == f"Bearer {TOKEN}"
 
 
@@ -119,11 +128,14 @@ def test_a_token_is_read_from_the_variable_named_by_token_env(http_server, sessi
     ({"event_type_id": 1, "api_version": "latest"}, "provider_config.api_version must be a date"),
     ({"event_type_id": 1, "base_url": "ftp://cal.example"}, "provider_config.base_url must be"),
     ({"event_type_id": 1, "token": 42}, "provider_config.token must be a non-empty string"),
-    ({"event_type_id": 1, "token_env": "NOT_SET"}, "provider_config.token_env names NOT_SET"),
+    ({"event_type_id": 1, "token_env": "CALCOM_TOKEN_WS_1"},
+     "provider_config.token_env names CALCOM_TOKEN_WS_1, which is not set"),
 ])
 def test_an_unusable_config_is_a_permanent_error_naming_the_key(session, cfg, message):
     with pytest.raises(PermanentProviderError, match=re.escape(message)):
-        provider(session).validate_config(cfg)
+        p = provider(session)
+        with refreshing("ws-1", p.context):
+            p.validate_config(cfg)
 
 
 # --- rate limits ----------------------------------------------------------------------------
@@ -286,7 +298,7 @@ def test_the_token_never_appears_in_an_error_message(http_server, session, sourc
     http_server.route("/v2/slots", lambda _seen: next(replies))
     cfg = config(http_server) if source == "token" else {
         "event_type_id": 123, "token_env": "CALCOM_TOKEN", "base_url": http_server.url()}
-    p = provider(session, environ={"CALCOM_TOKEN": TOKEN})
+    p = provider(session, environ={"CALCOM_TOKEN": TOKEN}, server=http_server)
     # the fifth is refused by the rate-limit gate
     messages = error_messages(p, lambda: fetch_request(cfg), 5)
     assert len(http_server.requests) == 4
@@ -317,7 +329,7 @@ def test_a_run_stores_calcoms_slots_in_utc(database_url, conn, http_server):
     http_server.route("/v2/slots", answer)
     add_workspace(conn, "ws-1", provider="calcom", config={
         "event_type_id": 123, "token_env": "CALCOM_TOKEN", "base_url": http_server.url()})
-    summary = run(database_url, {"CALCOM_TOKEN": TOKEN})
+    summary = run(database_url, {"CALCOM_TOKEN": TOKEN}, server=http_server)
     assert summary.refreshed == 1 and summary.errors == 0
     row = cache_row(conn, "ws-1")
     assert row["last_error"] is None
@@ -344,7 +356,7 @@ def test_a_rate_limited_workspace_backs_off_until_the_reset_while_the_run_goes_o
         add_workspace(conn, workspace, provider="calcom", created_at=created + timedelta(minutes=i),
                       config={"event_type_id": 123, "token_env": variable,
                               "base_url": http_server.url()})
-    summary = run(database_url, {"LIMITED": TOKEN, "OTHER": OTHER_TOKEN})
+    summary = run(database_url, {"LIMITED": TOKEN, "OTHER": OTHER_TOKEN}, server=http_server)
 
     assert (summary.refreshed, summary.errors) == (1, 2)
     assert [r.headers["authorization"] for r in http_server.requests] == [

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from helpers import add_workspace, cache_row
+from helpers import add_workspace, cache_row, refreshing, scopes_for
 from httpserver import LocalServer, Reply, Seen
 from provider_contract import error_messages, run
 
@@ -21,6 +21,7 @@ from availability_cron.providers import (
 )
 from availability_cron.providers._http import MAX_BODY_BYTES, HttpSession
 from availability_cron.providers.calendly import CalendlyProvider, rate_limit_wait
+from availability_cron.providers.scopes import SecretScopes
 
 START = datetime(2026, 12, 1, tzinfo=UTC)
 END = START + timedelta(days=30)
@@ -53,8 +54,13 @@ def session() -> Iterator[HttpSession]:
     s.close()
 
 
-def provider(session: HttpSession, environ: dict[str, str] | None = None) -> CalendlyProvider:
-    return CalendlyProvider(ProviderContext(environ=environ or {}, http=session))
+def provider(session: HttpSession, environ: dict[str, str] | None = None,
+             server: LocalServer | None = None) -> CalendlyProvider:
+    """The provider; with ``server``, the operator lets every workspace send the variables
+    of ``environ`` to that loopback server (AVAILABILITY_CRON_SECRET_SCOPES)."""
+    scopes = scopes_for(server.url(), *(environ or {})) if server else SecretScopes()
+    return CalendlyProvider(ProviderContext(environ=environ or {}, http=session,
+                                            secret_scopes=scopes))
 
 
 def config(server: LocalServer, **extra: Any) -> dict[str, Any]:
@@ -69,8 +75,10 @@ def fetch_request(cfg: dict[str, Any], *, workspace: str = "ws-1",
 
 def fetch(session: HttpSession, cfg: dict[str, Any], **kwargs: Any) -> list[datetime]:
     p = provider(session)
-    p.validate_config(cfg)
-    return p.fetch(fetch_request(cfg, **kwargs))
+    request = fetch_request(cfg, **kwargs)
+    with refreshing(request.workspace_id, p.context):
+        p.validate_config(cfg)
+        return p.fetch(request)
 
 
 def iso(moment: datetime) -> str:
@@ -154,8 +162,9 @@ def test_a_token_is_read_from_the_variable_named_by_token_env(http_server, sessi
     http_server.route("/event_type_available_times", Reply(200, TIMES_BODY))
     cfg = {"event_type": EVENT_TYPE, "token_env": "CALENDLY_TOKEN", "max_span_days": 31,
            "base_url": http_server.url()}
-    p = provider(session, environ={"CALENDLY_TOKEN": TOKEN})
-    assert len(p.fetch(fetch_request(cfg))) == 3
+    p = provider(session, environ={"CALENDLY_TOKEN": TOKEN}, server=http_server)
+    with refreshing("ws-1", p.context):
+        assert len(p.fetch(fetch_request(cfg))) == 3
     assert http_server.requests[0].headers["authorization"] == f"Bearer {TOKEN}"
 
 
@@ -178,7 +187,9 @@ def test_a_token_is_read_from_the_variable_named_by_token_env(http_server, sessi
 ])
 def test_an_unusable_config_is_a_permanent_error_naming_the_key(session, cfg, message):
     with pytest.raises(PermanentProviderError, match=re.escape(message)):
-        provider(session).validate_config(cfg)
+        p = provider(session)
+        with refreshing("ws-1", p.context):
+            p.validate_config(cfg)
 
 
 # --- rate limits ----------------------------------------------------------------------------
@@ -320,7 +331,7 @@ def test_the_token_never_appears_in_an_error_message(http_server, session, sourc
     cfg = config(http_server) if source == "token" else {
         "event_type": EVENT_TYPE, "token_env": "CALENDLY_TOKEN", "max_span_days": 31,
         "base_url": http_server.url()}
-    p = provider(session, environ={"CALENDLY_TOKEN": TOKEN})
+    p = provider(session, environ={"CALENDLY_TOKEN": TOKEN}, server=http_server)
     # the fifth is refused by the rate-limit gate
     messages = error_messages(p, lambda: fetch_request(cfg), 5)
     assert len(http_server.requests) == 4
@@ -355,7 +366,7 @@ def test_a_run_stores_calendlys_times_in_utc_from_consecutive_requests(
     http_server.route("/event_type_available_times", answer)
     add_workspace(conn, "ws-1", provider="calendly", config={
         "event_type": EVENT_TYPE, "token_env": "CALENDLY_TOKEN", "base_url": http_server.url()})
-    summary = run(database_url, {"CALENDLY_TOKEN": TOKEN})
+    summary = run(database_url, {"CALENDLY_TOKEN": TOKEN}, server=http_server)
 
     assert summary.refreshed == 1 and summary.errors == 0
     row = cache_row(conn, "ws-1")
@@ -391,7 +402,7 @@ def test_a_rate_limited_workspace_backs_off_until_the_reset_while_the_run_goes_o
                       config={"event_type": EVENT_TYPE, "token_env": variable,
                               "max_span_days": 31, "base_url": http_server.url()})
     before = datetime.now(UTC)
-    summary = run(database_url, {"LIMITED": TOKEN, "OTHER": OTHER_TOKEN})
+    summary = run(database_url, {"LIMITED": TOKEN, "OTHER": OTHER_TOKEN}, server=http_server)
 
     assert (summary.refreshed, summary.errors) == (1, 2)
     assert [r.headers["authorization"] for r in http_server.requests] == [

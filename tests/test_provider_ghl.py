@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from helpers import add_workspace, cache_row
+from helpers import add_workspace, cache_row, refreshing, scopes_for
 from httpserver import LocalServer, Reply, Seen
 from provider_contract import error_messages, run
 
@@ -21,6 +21,7 @@ from availability_cron.providers import (
 )
 from availability_cron.providers._http import MAX_BODY_BYTES, HttpSession
 from availability_cron.providers.ghl import GhlProvider, rate_limit_wait
+from availability_cron.providers.scopes import SecretScopes
 
 START = datetime(2026, 12, 1, tzinfo=UTC)  # 1796083200000 ms
 END = START + timedelta(days=30)  # 1798675200000 ms
@@ -46,8 +47,12 @@ def session() -> Iterator[HttpSession]:
     s.close()
 
 
-def provider(session: HttpSession, environ: dict[str, str] | None = None) -> GhlProvider:
-    return GhlProvider(ProviderContext(environ=environ or {}, http=session))
+def provider(session: HttpSession, environ: dict[str, str] | None = None,
+             server: LocalServer | None = None) -> GhlProvider:
+    """The provider; with ``server``, the operator lets every workspace send the variables
+    of ``environ`` to that loopback server (AVAILABILITY_CRON_SECRET_SCOPES)."""
+    scopes = scopes_for(server.url(), *(environ or {})) if server else SecretScopes()
+    return GhlProvider(ProviderContext(environ=environ or {}, http=session, secret_scopes=scopes))
 
 
 def config(server: LocalServer, **extra: Any) -> dict[str, Any]:
@@ -61,8 +66,10 @@ def fetch_request(cfg: dict[str, Any], *, workspace: str = "ws-1",
 
 def fetch(session: HttpSession, cfg: dict[str, Any], **kwargs: Any) -> list[datetime]:
     p = provider(session)
-    p.validate_config(cfg)
-    return p.fetch(fetch_request(cfg, **kwargs))
+    request = fetch_request(cfg, **kwargs)
+    with refreshing(request.workspace_id, p.context):
+        p.validate_config(cfg)
+        return p.fetch(request)
 
 
 # --- the documented request and answer ------------------------------------------------------
@@ -124,8 +131,9 @@ def test_a_token_is_read_from_the_variable_named_by_token_env_and_the_version_is
     http_server.route(PATH, Reply(200, SLOTS_BODY))
     cfg = {"calendar_id": CALENDAR, "token_env": "GHL_TOKEN", "api_version": "2021-07-28",
            "base_url": http_server.url()}
-    p = provider(session, environ={"GHL_TOKEN": TOKEN})
-    assert len(p.fetch(fetch_request(cfg))) == 3
+    p = provider(session, environ={"GHL_TOKEN": TOKEN}, server=http_server)
+    with refreshing("ws-1", p.context):
+        assert len(p.fetch(fetch_request(cfg))) == 3
     assert http_server.requests[0].headers["authorization"] == f"Bearer {TOKEN}"
     assert http_server.requests[0].headers["version"] == "2021-07-28"
 
@@ -147,7 +155,9 @@ def test_a_token_is_read_from_the_variable_named_by_token_env_and_the_version_is
 ])
 def test_an_unusable_config_is_a_permanent_error_naming_the_key(session, cfg, message):
     with pytest.raises(PermanentProviderError, match=re.escape(message)):
-        provider(session).validate_config(cfg)
+        p = provider(session)
+        with refreshing("ws-1", p.context):
+            p.validate_config(cfg)
 
 
 # --- rate limits ----------------------------------------------------------------------------
@@ -296,7 +306,7 @@ def test_the_token_never_appears_in_an_error_message(http_server, session, sourc
     http_server.route(PATH, lambda _seen: next(replies))
     cfg = config(http_server) if source == "token" else {
         "calendar_id": CALENDAR, "token_env": "GHL_TOKEN", "base_url": http_server.url()}
-    p = provider(session, environ={"GHL_TOKEN": TOKEN})
+    p = provider(session, environ={"GHL_TOKEN": TOKEN}, server=http_server)
     # the fifth is refused by the rate-limit gate
     messages = error_messages(p, lambda: fetch_request(cfg), 5)
     assert len(http_server.requests) == 4
@@ -334,7 +344,7 @@ def test_a_run_stores_ghls_slots_in_utc_from_consecutive_requests(
     add_workspace(conn, "ws-1", provider="ghl", config={
         "calendar_id": CALENDAR, "token_env": "GHL_TOKEN", "max_span_days": 10,
         "base_url": http_server.url()})
-    summary = run(database_url, {"GHL_TOKEN": TOKEN})
+    summary = run(database_url, {"GHL_TOKEN": TOKEN}, server=http_server)
 
     assert summary.refreshed == 1 and summary.errors == 0
     row = cache_row(conn, "ws-1")
@@ -368,7 +378,7 @@ def test_a_workspace_over_the_daily_limit_backs_off_until_utc_midnight_while_the
     midnight = (datetime.now(UTC) + timedelta(days=1)).replace(
         hour=0, minute=0, second=0, microsecond=0)
     # Up to a day of backoff must be allowed for the wait to show in full.
-    summary = run(database_url, {"LIMITED": TOKEN, "OTHER": OTHER_TOKEN},
+    summary = run(database_url, {"LIMITED": TOKEN, "OTHER": OTHER_TOKEN}, server=http_server,
                   max_backoff_ms=2 * 86_400_000)
 
     assert (summary.refreshed, summary.errors) == (1, 2)

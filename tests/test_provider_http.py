@@ -15,7 +15,15 @@ from typing import Any
 
 import psycopg
 import pytest
-from helpers import add_cache, add_workspace, cache_row, make_runtime, make_settings
+from helpers import (
+    add_cache,
+    add_workspace,
+    cache_row,
+    make_runtime,
+    make_settings,
+    refreshing,
+    scopes_for,
+)
 from httpserver import LocalServer, Reply, Seen
 
 from availability_cron import refresh
@@ -27,6 +35,7 @@ from availability_cron.providers import (
 )
 from availability_cron.providers._http import ATTEMPTS, MAX_BODY_BYTES, HttpSession
 from availability_cron.providers.http_json import HttpJsonProvider
+from availability_cron.providers.scopes import SecretScopes
 from availability_cron.refresh import MAX_SLOTS, CallContext, Outcome, PlannedRefresh
 
 #: The window every call_provider test asks for: [NOW, NOW + 30 days).
@@ -47,10 +56,15 @@ def call(
     workspace_id: str = "ws-1",
     environ: dict[str, str] | None = None,
     seconds: float = 10.0,
+    server: LocalServer | None = None,
 ) -> Outcome:
-    """One refresh of one workspace, exactly as the sweep makes it (never raises)."""
+    """One refresh of one workspace, exactly as the sweep makes it (never raises).
+
+    With ``server``, the operator lets every workspace send the variables of ``environ``
+    to that loopback server (AVAILABILITY_CRON_SECRET_SCOPES)."""
     env = dict(environ or {})
-    registry = ProviderRegistry(ProviderContext(environ=env))
+    scopes = scopes_for(server.url(), *env) if server else SecretScopes()
+    registry = ProviderRegistry(ProviderContext(environ=env, secret_scopes=scopes))
     ctx = CallContext(
         registry=registry,
         lookahead=WINDOW_END - NOW,
@@ -67,17 +81,21 @@ def call(
 
 
 @pytest.fixture
-def provider() -> Iterator[HttpJsonProvider]:
-    """The provider on its own, for messages before the job's central scrubbing."""
+def provider(http_server: LocalServer) -> Iterator[HttpJsonProvider]:
+    """The provider on its own, for messages before the job's central scrubbing; the
+    operator lets it send CAL_TOKEN to the loopback server."""
     session = HttpSession()
-    yield HttpJsonProvider(ProviderContext(environ={"CAL_TOKEN": TOKEN}, http=session))
+    yield HttpJsonProvider(ProviderContext(
+        environ={"CAL_TOKEN": TOKEN}, http=session,
+        secret_scopes=scopes_for(http_server.url(), "CAL_TOKEN")))
     session.close()
 
 
 def fetch(provider: HttpJsonProvider, cfg: dict[str, Any]) -> list[datetime]:
-    provider.validate_config(cfg)
-    return list(provider.fetch(FetchRequest("ws-1", cfg, NOW, WINDOW_END,
-                                            deadline=time.monotonic() + 10)))
+    with refreshing("ws-1", provider.context):
+        provider.validate_config(cfg)
+        return list(provider.fetch(FetchRequest("ws-1", cfg, NOW, WINDOW_END,
+                                                deadline=time.monotonic() + 10)))
 
 
 # --- accepted answers -------------------------------------------------------------------------
@@ -187,7 +205,7 @@ def test_a_token_from_token_env_is_sent_raw_in_the_header_named_by_token_header(
     http_server.route("/slots", Reply(200, []))
 
     outcome = call(config(http_server, token_env="CAL_TOKEN", token_header="X-Api-Key"),
-                   environ={"CAL_TOKEN": TOKEN})
+                   environ={"CAL_TOKEN": TOKEN}, server=http_server)
 
     assert outcome.error is None
     [seen] = http_server.requests
@@ -353,9 +371,11 @@ def test_a_token_echoed_as_a_slot_is_not_in_the_providers_message(http_server, p
 
 def test_a_token_with_a_newline_is_refused_without_showing_it(provider, http_server):
     bad = HttpJsonProvider(ProviderContext(environ={"CAL_TOKEN": TOKEN + "\n"},
-                                           http=provider.context.http))
+                                           http=provider.context.http,
+                                           secret_scopes=provider.context.secret_scopes))
 
-    with pytest.raises(PermanentProviderError, match="not allowed in an HTTP header") as info:
+    with pytest.raises(PermanentProviderError, match="not allowed in an HTTP header") as info, \
+            refreshing("ws-1", bad.context):
         bad.validate_config(config(http_server, token_env="CAL_TOKEN"))
 
     assert TOKEN not in str(info.value)
@@ -387,7 +407,8 @@ BAD_CONFIGS = [
     pytest.param({"url": "https://cal.example/x", "token": "t1", "token_env": "CAL_TOKEN"},
                  "set provider_config.token or .token_env, not both", id="token-and-env"),
     pytest.param({"url": "https://cal.example/x", "token_env": "NOT_SET"},
-                 "provider_config.token_env names NOT_SET", id="env-not-set"),
+                 "provider_config.token_env names NOT_SET, which the operator has not scoped",
+                 id="env-not-scoped"),
     pytest.param({"url": "https://cal.example/x", "token_header": "X-Key"},
                  "provider_config.token_header is set but neither", id="token-header-alone"),
     pytest.param({"url": "https://cal.example/x", "token": "t1", "token_header": "X Key"},
@@ -410,7 +431,7 @@ BAD_CONFIGS = [
 
 @pytest.mark.parametrize(("cfg", "message"), BAD_CONFIGS)
 def test_an_unusable_config_is_a_permanent_error_naming_the_key(provider, cfg, message):
-    with pytest.raises(PermanentProviderError) as info:
+    with pytest.raises(PermanentProviderError) as info, refreshing("ws-1", provider.context):
         provider.validate_config(cfg)
 
     assert str(info.value).startswith("http: "), str(info.value)
@@ -429,9 +450,12 @@ def test_a_bad_config_calls_nothing(http_server):
 # --- whole runs against PostgreSQL --------------------------------------------------------------
 
 
-def run(database_url: str, environ: dict[str, str] | None = None) -> refresh.RunSummary:
+def run(database_url: str, environ: dict[str, str] | None = None,
+        server: LocalServer | None = None) -> refresh.RunSummary:
+    scopes = scopes_for(server.url(), *(environ or {})) if server else None
     return refresh.run_refresh(make_settings(database_url),
-                               make_runtime(database_url, environ=environ),
+                               make_runtime(database_url, environ=environ,
+                                            secret_scopes=scopes),
                                default_source="availability_workspaces")
 
 
@@ -477,7 +501,7 @@ def test_a_token_echoed_by_a_failing_server_is_not_stored_in_last_error(
     http_server.route("/env", echo_credential)
     http_server.route("/direct", echo_credential)
 
-    summary = run(database_url, environ={"CAL_TOKEN": TOKEN})
+    summary = run(database_url, environ={"CAL_TOKEN": TOKEN}, server=http_server)
 
     assert summary.errors == 2
     assert len(http_server.requests) == 2

@@ -9,7 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import FakeClock, add_workspace, cache_row, make_runtime, make_settings
+from helpers import (
+    FakeClock,
+    add_workspace,
+    cache_row,
+    make_runtime,
+    make_settings,
+    refreshing,
+    scopes_for,
+)
 from httpserver import LocalServer, Reply
 
 from availability_cron import refresh
@@ -53,9 +61,10 @@ def provider() -> Iterator[IcsProvider]:
 
 def fetch(provider: IcsProvider, config: Mapping[str, Any], start: datetime,
           end: datetime) -> list[datetime]:
-    provider.validate_config(config)
-    request = FetchRequest("ws-1", config, start, end, deadline=time.monotonic() + 10)
-    return sorted(provider.fetch(request))
+    with refreshing("ws-1", provider.context):
+        provider.validate_config(config)
+        request = FetchRequest("ws-1", config, start, end, deadline=time.monotonic() + 10)
+        return sorted(provider.fetch(request))
 
 
 def serve(server: LocalServer, text: str, path: str = "/feed.ics") -> str:
@@ -296,7 +305,9 @@ def test_slots_outside_the_window_are_not_returned(provider, http_server):
 
 
 def test_the_token_is_sent_as_a_bearer_header_with_the_configured_headers(http_server):
-    provider = IcsProvider(ProviderContext(environ={"ICS_TOKEN": "s3cret"}))
+    provider = IcsProvider(ProviderContext(
+        environ={"ICS_TOKEN": "s3cret"},
+        secret_scopes=scopes_for(http_server.url(), "ICS_TOKEN")))
     config = {"url": serve(http_server, vcalendar()), "timezone": "UTC",
               "token_env": "ICS_TOKEN", "headers": {"X-Team": "blue"}}
     try:

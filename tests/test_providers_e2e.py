@@ -66,10 +66,11 @@ def test_one_run_over_every_provider_stores_their_slots_and_records_their_errors
 
     base = http_server.url()
     add_workspace(conn, "ws-calcom", provider="calcom",
-                  config={"event_type_id": 7, "token_env": "CALCOM_TOKEN_E2E", "base_url": base})
+                  config={"event_type_id": 7, "token_env": "CALCOM_TOKEN_WS_CALCOM",
+                          "base_url": base})
     add_workspace(conn, "ws-calendly", provider="calendly",
                   config={"event_type": "https://api.calendly.com/event_types/E2E",
-                          "token_env": "CALENDLY_TOKEN_E2E", "base_url": base})
+                          "token_env": "CALENDLY_TOKEN_WS_CALENDLY", "base_url": base})
     add_workspace(conn, "ws-ghl", provider="ghl",
                   config={"calendar_id": "cal1", "token": GHL_TOKEN, "base_url": base})
     add_workspace(conn, "ws-http", provider="http",
@@ -85,8 +86,14 @@ def test_one_run_over_every_provider_stores_their_slots_and_records_their_errors
                           "base_url": base + "/limited"})
     add_workspace(conn, "ws-unknown", provider="outlook")
 
-    env = clean_env(DATABASE_URL=database_url, CALCOM_TOKEN_E2E=CALCOM_TOKEN,
-                    CALENDLY_TOKEN_E2E=CALENDLY_TOKEN, AVAILABILITY_CRON_TIME_BUDGET_MS="15000",
+    # The built-in rules scope CALCOM_TOKEN_{workspace} and CALENDLY_TOKEN_{workspace};
+    # the operator adds the loopback server as a host those tokens may be sent to.
+    scopes = json.dumps({"CALCOM_TOKEN_{workspace}": {"hosts": [base]},
+                         "CALENDLY_TOKEN_{workspace}": {"hosts": [base]}})
+    env = clean_env(DATABASE_URL=database_url, CALCOM_TOKEN_WS_CALCOM=CALCOM_TOKEN,
+                    CALENDLY_TOKEN_WS_CALENDLY=CALENDLY_TOKEN,
+                    AVAILABILITY_CRON_SECRET_SCOPES=scopes,
+                    AVAILABILITY_CRON_TIME_BUDGET_MS="15000",
                     AVAILABILITY_CRON_DEADLINE_MARGIN_MS="2000")
     result = run_cli("refresh", env=env)
 

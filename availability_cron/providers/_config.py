@@ -2,7 +2,9 @@
 
 Every error is a PermanentProviderError ("calcom: provider_config.event_type_id must
 be ..."), raised before any call goes out. Secrets come from ``token`` or from the
-environment variable that ``token_env`` names; neither value is ever put in a message.
+environment variable that ``token_env`` names, and only when the operator has scoped that
+variable to the workspace being refreshed (:mod:`.scopes`); neither value is ever put in a
+message.
 """
 
 from __future__ import annotations
@@ -13,21 +15,31 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .base import PermanentProviderError
+from .scopes import SecretScopes, current_call
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
-# provider_config may come from tenants: token_env must not let one of them send the
-# job's database password (or any of its settings) to a base_url of their choosing.
-_FORBIDDEN_ENV = re.compile(r"(?i)(^PG|DATABASE|^AVAILABILITY_CRON_|^AVAILABILITY_CACHE_)")
 
 
 class ConfigReader:
-    """Typed, validating access to one workspace's provider_config."""
+    """Typed, validating access to one workspace's provider_config.
+
+    ``workspace_id`` and ``scopes`` decide which variables ``token_env`` may name; both
+    default to those of the refresh job's current call (:func:`.scopes.calling`), so a
+    provider called by the job needs to pass neither. With no workspace known at all,
+    ``token_env`` is refused: a secret must never be resolved for nobody in particular.
+    """
 
     def __init__(self, provider: str, config: Mapping[str, Any],
-                 environ: Mapping[str, str] | None = None) -> None:
+                 environ: Mapping[str, str] | None = None, *,
+                 workspace_id: str | None = None,
+                 scopes: SecretScopes | None = None) -> None:
         self.provider = provider
         self.config = config
         self.environ = environ or {}
+        call = current_call()
+        self.workspace_id = workspace_id if workspace_id is not None else (
+            call.workspace_id if call else None)
+        self.scopes = scopes if scopes is not None else (call.scopes if call else SecretScopes())
 
     def error(self, key: str, expected: str) -> PermanentProviderError:
         return PermanentProviderError(f"{self.provider}: provider_config.{key} must be {expected}")
@@ -95,7 +107,8 @@ class ConfigReader:
 
     def secret(self, *, required: bool, token_key: str = "token",
                env_key: str = "token_env") -> str | None:
-        """The token from ``token`` or from the environment variable named by ``token_env``."""
+        """The token from ``token``, or from the environment variable named by ``token_env``
+        if the operator has scoped that variable to this workspace (see :mod:`.scopes`)."""
         direct = self.config.get(token_key)
         env_name = self.config.get(env_key)
         if direct is not None and env_name is not None:
@@ -105,18 +118,14 @@ class ConfigReader:
         if env_name is not None:
             if not isinstance(env_name, str) or not _ENV_NAME.fullmatch(env_name.strip()):
                 raise self.error(env_key, "the name of an environment variable (A-Z, 0-9, _)")
-            if _FORBIDDEN_ENV.search(env_name.strip()):
+            if self.workspace_id is None:
                 raise PermanentProviderError(
-                    f"{self.provider}: provider_config.{env_key} may not name the job's own "
-                    "settings or database credentials (DATABASE_*, PG*, AVAILABILITY_CRON_*)"
+                    f"{self.provider}: provider_config.{env_key} cannot be resolved: no "
+                    "workspace is being refreshed (pass workspace_id to ConfigReader)"
                 )
-            value = self.environ.get(env_name.strip())
-            if not value:
-                raise PermanentProviderError(
-                    f"{self.provider}: provider_config.{env_key} names {env_name.strip()}, "
-                    "which is not set in the job's environment"
-                )
-            return value
+            return self.scopes.resolve(env_name.strip(), workspace_id=self.workspace_id,
+                                       environ=self.environ, provider=self.provider,
+                                       key=env_key)
         if direct is not None:
             if not isinstance(direct, str) or not direct.strip():
                 raise self.error(token_key, "a non-empty string")

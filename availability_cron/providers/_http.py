@@ -30,9 +30,11 @@ import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
+from ._shape import excerpt
 from .base import FetchRequest, PermanentProviderError, RetryableProviderError
+from .scopes import current_call
 
 if TYPE_CHECKING:
     import httpx
@@ -70,11 +72,32 @@ def retry_after_seconds(value: str | None, now_epoch: float) -> float | None:
     return seconds
 
 
-def credential_key(provider: str, url: str, secret: str | None) -> str:
-    """Identify one credential at one host, without keeping the secret itself."""
-    host = urlsplit(url).netloc
-    fingerprint = hashlib.sha256((secret or "").encode()).hexdigest()[:16]
-    return f"{provider}|{host}|{fingerprint}"
+def credential_key(provider: str, url: str, secret: str | None = None, *,
+                   headers: Mapping[str, str] | None = None) -> str:
+    """Identify one credential at one origin, without keeping the secret itself.
+
+    The fingerprint covers everything that may carry a credential: the token, the
+    configured headers (names case-folded), and the URL's path and query (for the ``http``
+    provider a token often lives there). Two workspaces share a key, and so one 429, only
+    when all of these are identical; one tenant's throttle never gates another tenant.
+    Pass the URL as configured (for ``http`` the template, before the workspace id is put
+    in), so workspaces that really share one credential share its key too.
+    """
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    origin = f"{parts.scheme.lower()}://{(parts.hostname or '').lower()}"
+    origin += f":{port}" if port else ""
+    material = json.dumps([
+        secret or "",
+        sorted((name.lower(), value) for name, value in (headers or {}).items()),
+        parts.path.rstrip("/"),
+        sorted(parse_qsl(parts.query, keep_blank_values=True)),
+    ])
+    fingerprint = hashlib.sha256(material.encode()).hexdigest()[:24]
+    return f"{provider}|{origin}|{fingerprint}"
 
 
 class HttpSession:
@@ -198,6 +221,9 @@ class HttpSession:
     ) -> Any:
         import httpx
 
+        call = current_call()
+        if call is not None:  # before anything leaves: may a scoped secret go there?
+            call.destinations.check(url, headers, params, what=what)
         left = request.time_left()
         if left <= 0.05:
             raise RetryableProviderError(f"{what}: no time left in the run's budget")
@@ -295,9 +321,8 @@ def _error_excerpt(body: bytes) -> str:
                 break
     if not isinstance(message, str):
         return ""
-    # Not cut short: a cut could split a token the server echoed, and only whole tokens
-    # are scrubbed (the stored error is cut to 500 characters after scrubbing).
-    return ": " + " ".join(message.split())[:1000]
+    # Cut between words only: a token the server echoed stays whole, so it is scrubbed.
+    return ": " + excerpt(message)
 
 
 def path_of(url: str) -> str:

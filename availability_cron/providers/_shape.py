@@ -8,7 +8,7 @@ secret that the job's scrubbing, which matches whole values, would miss.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -32,13 +32,30 @@ def kind(value: Any) -> str:
     return type(value).__name__
 
 
-def shown(value: Any) -> str:
-    """A value for a message: short strings quoted whole, anything else described."""
+def shown(value: Any, quote: Callable[[str], str] = repr) -> str:
+    """A value for a message: short strings quoted whole (by ``quote``), anything else
+    described. Never a cut-off excerpt: it could hold part of an echoed secret."""
     if isinstance(value, str) and len(value) <= 40:
-        return repr(value)
+        return quote(value)
     if isinstance(value, str):
         return f"a string of {len(value)} characters"
     return kind(value)
+
+
+def excerpt(text: str, limit: int = 1000) -> str:
+    """``text`` on one line, at most ``limit`` characters, cut only between words.
+
+    A token is a run of non-space characters, so it is kept whole or left out, never cut:
+    the job's scrubbing, which replaces whole secrets, then always finds it. Use this for
+    every message that quotes a provider's own words.
+    """
+    folded = " ".join(text.split())
+    if len(folded) <= limit:
+        return folded
+    cut = folded[:max(0, limit - 1)]
+    if folded[len(cut)] != " ":  # the cut fell inside a word: drop the word
+        cut = cut.rpartition(" ")[0]
+    return cut.rstrip() + "…"
 
 
 def instant(value: Any, where: str, what: str) -> datetime:

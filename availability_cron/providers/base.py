@@ -29,6 +29,7 @@ from ..errors import AvailabilityCronError
 
 if TYPE_CHECKING:
     from ._http import HttpSession
+    from .scopes import Destinations, SecretScopes
 
 
 class ProviderError(AvailabilityCronError):
@@ -63,6 +64,12 @@ def _new_http_session() -> HttpSession:
     return HttpSession(user_agent=f"availability-cron/{__version__} (calendar availability cache)")
 
 
+def _builtin_scopes() -> SecretScopes:
+    from .scopes import SecretScopes  # scopes imports this module
+
+    return SecretScopes()
+
+
 @dataclass(frozen=True)
 class ProviderContext:
     """What a provider may use besides the request: shared for the whole run."""
@@ -73,6 +80,14 @@ class ProviderContext:
     monotonic: Callable[[], float] = time.monotonic
     #: The run's shared HTTP client and rate-limit gate (httpx loads on first use).
     http: HttpSession = field(default_factory=lambda: _new_http_session())
+    #: The operator's rules for which workspace may name which variable, and where its
+    #: value may be sent (the built-in rules when not given; see ``scopes``).
+    secret_scopes: SecretScopes = field(default_factory=lambda: _builtin_scopes())
+    #: ``secret_scopes`` bound to ``environ``: computed once, here.
+    destinations: Destinations = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "destinations", self.secret_scopes.bind(self.environ))
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from typing import Any
 
 from ._config import ConfigReader
 from ._http import DEFAULT_RATE_LIMIT_SECONDS, credential_key, path_of
+from ._shape import excerpt as _excerpt
 from ._shape import instant as _instant
 from ._shape import kind as _kind
 from ._shape import number as _number
@@ -37,9 +38,6 @@ DEFAULT_BASE_URL = "https://api.cal.com"
 #: The version whose /v2/slots answer is the date-keyed shape parsed below.
 DEFAULT_API_VERSION = "2024-09-04"
 
-#: A provider's own error message is kept up to this length: longer than the 500
-#: characters the job stores, so a secret the cut splits is never stored half-scrubbed.
-_MAX_MESSAGE = 1000
 _KEYS = {"event_type_id", "event_type_slug", "username", "organization_slug", "token",
          "token_env", "api_version", "base_url"}
 _VERSION = re.compile(r"\d{4}-\d{2}-\d{2}")
@@ -193,7 +191,7 @@ def _error_message(error: Any) -> str:
     if isinstance(error, dict):
         error = error.get("message") or error.get("code")
     if isinstance(error, str) and error.strip():
-        return " ".join(error.split())[:_MAX_MESSAGE]
+        return _excerpt(error)
     return "no message"
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from ._config import ConfigReader
 from ._http import DEFAULT_RATE_LIMIT_SECONDS, credential_key, path_of
+from ._shape import excerpt as _excerpt
 from ._shape import instant as _instant
 from ._shape import kind as _kind
 from ._shape import number as _number
@@ -40,9 +41,6 @@ MAX_SPAN_DAYS = 31
 #: and the request takes a moment to arrive.
 START_LEAD = timedelta(minutes=1)
 
-#: A provider's own error message is kept up to this length: longer than the 500
-#: characters the job stores, so a secret the cut splits is never stored half-scrubbed.
-_MAX_MESSAGE = 1000
 _KEYS = {"event_type", "token", "token_env", "max_span_days", "base_url"}
 
 
@@ -168,7 +166,7 @@ def _iso(instant: datetime) -> str:
 def _error_message(body: dict[str, Any]) -> str:
     parts = [v for v in (body.get("title"), body.get("message"))
              if isinstance(v, str) and v.strip()]
-    return " ".join(": ".join(parts).split())[:_MAX_MESSAGE] or "no message"
+    return _excerpt(": ".join(parts)) or "no message"
 
 
 

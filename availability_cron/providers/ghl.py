@@ -26,6 +26,7 @@ from typing import Any
 
 from ._config import ConfigReader
 from ._http import credential_key, epoch_ms, path_of
+from ._shape import excerpt as _excerpt
 from ._shape import instant as _instant
 from ._shape import kind as _kind
 from ._shape import number as _number
@@ -39,9 +40,6 @@ MAX_SPAN_DAYS = 31
 #: The documented burst window (100 requests per 10 s), when the header is missing.
 DEFAULT_BURST_SECONDS = 10.0
 
-#: A provider's own error message is kept up to this length: longer than the 500
-#: characters the job stores, so a secret the cut splits is never stored half-scrubbed.
-_MAX_MESSAGE = 1000
 _KEYS = {"calendar_id", "token", "token_env", "api_version", "max_span_days", "base_url"}
 _VERSION = re.compile(r"\d{4}-\d{2}-\d{2}")
 _DATE_KEY = re.compile(r"\d{4}-\d{2}-\d{2}")
@@ -170,7 +168,7 @@ def _error_message(body: dict[str, Any]) -> str:
     if isinstance(message, list):  # validation errors come as a list of strings
         message = "; ".join(m for m in message if isinstance(m, str))
     if isinstance(message, str) and message.strip():
-        return " ".join(message.split())[:_MAX_MESSAGE]
+        return _excerpt(message)
     status = body.get("statusCode")
     return f"statusCode {status}" if isinstance(status, int) else "no message"
 

@@ -38,6 +38,7 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 from ._config import ConfigReader
 from ._http import credential_key, path_of
 from ._shape import kind as _kind
+from ._shape import shown as _shown
 from .base import (
     FetchRequest,
     PermanentProviderError,
@@ -83,10 +84,7 @@ class HttpJsonProvider(Provider):
         params = dict(settings.params)
         params[settings.start_param] = _iso_z(request.window_start)
         params[settings.end_param] = _iso_z(request.window_end)
-        # Appended to a query already in the URL: httpx's params= would replace that one.
-        parts = urlsplit(url)
-        query = "&".join(q for q in (parts.query, urlencode(params)) if q)
-        url = urlunsplit(parts._replace(query=query))
+        url = _with_params(url, params)
         headers = dict(settings.headers)
         if settings.token is not None:
             if settings.token_header is None:
@@ -97,7 +95,11 @@ class HttpJsonProvider(Provider):
         try:
             body = self.context.http.get(
                 request, url, what=what, headers=headers,
-                gate_key=credential_key("http", url, settings.token),
+                # The template (not this workspace's URL) with the constant params: what
+                # the credential is, wherever it sits.
+                gate_key=credential_key("http", _with_params(settings.url_template,
+                                                             settings.params),
+                                        settings.token, headers=settings.headers),
             )
             return _parse(body)
         except ProviderError as exc:
@@ -121,7 +123,7 @@ class HttpJsonProvider(Provider):
         headers = reader.headers("headers")
         for name, value in headers.items():
             if not _HEADER_NAME.fullmatch(name):
-                raise reader.error("headers", f"valid header names, not {name[:40]!r}")
+                raise reader.error("headers", f"valid header names, not {_shown(name)}")
             if not _HEADER_VALUE.fullmatch(value):
                 raise reader.error(
                     "headers", f"printable ASCII header values (check headers.{name})"
@@ -178,6 +180,13 @@ def _params(reader: ConfigReader) -> dict[str, str]:
     return {k: str(v) for k, v in value.items()}
 
 
+def _with_params(url: str, params: Mapping[str, str]) -> str:
+    """``url`` with ``params`` appended to its query (httpx's params= would replace it)."""
+    parts = urlsplit(url)
+    query = "&".join(q for q in (parts.query, urlencode(params)) if q)
+    return urlunsplit(parts._replace(query=query))
+
+
 def _has_valid_port(url: str) -> bool:
     try:
         urlsplit(url).port  # noqa: B018 (the property raises ValueError on a bad port)
@@ -195,7 +204,8 @@ def _parse(body: Any) -> list[datetime]:
     slots = body
     if isinstance(body, dict):
         if "slots" not in body:
-            keys = ", ".join(sorted(repr(k[:20]) for k in body)[:5]) or "none"
+            # Each key quoted whole or described: an echoed token must never be cut.
+            keys = ", ".join(sorted(_shown(k) for k in body)[:5]) or "none"
             raise PermanentProviderError(
                 f'http: the response is an object without "slots" (keys: {keys}); expected '
                 'a list of instants or {"slots": [...]}'
@@ -225,7 +235,7 @@ def _instant(value: Any, label: str) -> datetime:
         raise PermanentProviderError(
             f"http: {label} is {_kind(value)}, expected an ISO-8601 instant string"
         )
-    shown = json.dumps(value[:40]) + ("..." if len(value) > 40 else "")
+    shown = _shown(value, json.dumps)  # whole or described, never cut: it may echo the token
     try:
         if len(value) > _MAX_INSTANT_CHARS:
             raise ValueError("too long")
