@@ -226,7 +226,9 @@ def wait_for_backend(conn: psycopg.Connection[Any], purpose: str, timeout: float
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         row = conn.execute(
-            "SELECT pid FROM pg_stat_activity WHERE application_name LIKE %s",
+            # This test's database only: other suites may run on the same server.
+            "SELECT pid FROM pg_stat_activity WHERE application_name LIKE %s"
+            " AND datname = current_database()",
             (f"availability-cron {purpose} run=%",),
         ).fetchone()
         if row:
