@@ -525,6 +525,8 @@ def _print_dry_run_table(data: dict[str, Any]) -> None:
         f"dry run at {data['at']}: {data['planned']} planned "
         f"({data['missingPlanned']} missing, {data['stalePlanned']} stale; limit {data['limit']}); "
         f"lock held now: {held}"
+        + (f"; invalid source rows: {data['invalidSourceRows']} (see the log)"
+           if data["invalidSourceRows"] else "")
     )
     table = Table(show_header=True)
     for column in ("#", "workspace", "provider", "reason", "overdue (s)", "failures"):

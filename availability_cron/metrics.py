@@ -28,6 +28,7 @@ from psycopg.rows import class_row, dict_row
 
 from . import db, queries
 from .errors import ConfigError
+from .source import fetch_invalid_rows
 
 #: The window of the run counters and duration percentiles.
 RUN_WINDOW = timedelta(hours=24)
@@ -94,6 +95,10 @@ class StalenessReport:
     #: How long the oldest enabled workspace without any successful refresh has existed
     #: (since its created_at): data that never arrived is the stalest of all.
     oldest_never_succeeded_age_seconds: float | None = None
+    #: Enabled source rows breaking the contract on a key column (source.InvalidRows): a
+    #: NULL workspace_id (not counted as a workspace), an over-long one (skipped by runs),
+    #: or a NULL created_at without a cache row (planned last).
+    invalid_source_rows: int = 0
 
     @property
     def oldest_success_age_minutes(self) -> float | None:
@@ -113,6 +118,7 @@ class StalenessReport:
             "successAgeP50Minutes": _minutes(self.success_age_p50_seconds),
             "successAgeP95Minutes": _minutes(self.success_age_p95_seconds),
             "oldestNeverSucceededAgeMinutes": _minutes(self.oldest_never_succeeded_age_seconds),
+            "invalidSourceRows": self.invalid_source_rows,
             **self.runs.as_json(),
         }
 
@@ -146,8 +152,9 @@ def _float(value: Any) -> float | None:
 def staleness(conn: db.Connection, source_table: str, now: datetime) -> StalenessReport:
     """Compute the report at ``now``.
 
-    The cache numbers come from one statement (one consistent snapshot), the run numbers
-    from a second (:func:`run_history`).
+    The cache numbers come from one statement (one consistent snapshot), the invalid
+    source rows from a second (:func:`source.fetch_invalid_rows`), the run numbers from a
+    third (:func:`run_history`).
     """
     with conn.cursor(row_factory=dict_row) as cur:
         cur.execute(queries.with_source(queries.STALENESS, source_table), {"now": now})
@@ -170,6 +177,7 @@ def staleness(conn: db.Connection, source_table: str, now: datetime) -> Stalenes
         runs=run_history(conn, now),
         oldest_never_succeeded_age_seconds=_seconds_since(
             now, row["oldest_never_succeeded_created_at"]),
+        invalid_source_rows=fetch_invalid_rows(conn, source_table).total,
     )
 
 
@@ -234,6 +242,10 @@ def _gauges(report: StalenessReport) -> list[tuple[str, str, float | None]]:
         ("never_succeeded_workspaces",
          "Enabled workspaces without any successful refresh (missing or always failed).",
          report.never_succeeded),
+        ("invalid_source_rows",
+         "Enabled source rows breaking the data contract: a NULL or over-long workspace_id "
+         "(skipped), or a NULL created_at without a cache row (planned last).",
+         report.invalid_source_rows),
         ("oldest_success_age_seconds",
          "Age of the oldest last successful refresh among enabled workspaces.",
          report.oldest_success_age_seconds),

@@ -190,39 +190,110 @@ TERMINATE_HOLDER = sql.SQL(
 
 # --- plan -----------------------------------------------------------------------------------
 
-# Due caches of enabled workspaces, stalest first. Never loads slots_utc.
+# Why the provider_config of source row ``w`` must not be used (NULL when it may): too large
+# stored, too large as JSON text, or nested too deep (see source.py for the caps and their
+# placeholders). In this order: pg_column_size reads the stored size without decompressing
+# a TOASTed value, so a huge config is never detoasted, let alone sent. OFFSET 0 keeps the
+# planner from inlining it into each use of its result (it would run once per use).
+# Filled into ``{config_check}`` by with_source, as a LATERAL subquery.
+CONFIG_CHECK = sql.SQL(
+    """
+    SELECT CASE
+        WHEN pg_column_size(w.provider_config) > %(max_config_bytes)s
+            THEN format('provider_config is too large: %%s bytes stored, the limit is %%s bytes',
+                        pg_column_size(w.provider_config), %(max_config_bytes)s)
+        WHEN octet_length(w.provider_config::text) > %(max_config_bytes)s
+            THEN format('provider_config is too large: %%s bytes of JSON, the limit is %%s bytes',
+                        octet_length(w.provider_config::text), %(max_config_bytes)s)
+        WHEN jsonb_path_exists(w.provider_config::jsonb, %(config_too_deep)s::jsonpath)
+            THEN format('provider_config is nested more than %%s levels deep',
+                        %(max_config_depth)s)
+        END AS error
+    OFFSET 0
+    """
+)
+
+# Due caches of enabled workspaces, stalest first. Never loads slots_utc, nor a
+# provider_config over the caps (NULL then, and provider_config_error says why).
 DUE_CACHES = sql.SQL(
     """
-    SELECT c.workspace_id, w.provider, w.provider_config, c.stale_at, c.refreshed_at,
-           c.consecutive_failures
-      FROM workspace_availability_cache AS c
-      JOIN {source} AS w ON w.workspace_id = c.workspace_id
-     WHERE w.enabled AND c.stale_at <= %(now)s
-     ORDER BY c.stale_at, c.workspace_id
-     LIMIT %(limit)s
+    SELECT w.workspace_id, w.provider,
+           CASE WHEN chk.error IS NULL THEN w.provider_config END AS provider_config,
+           chk.error AS provider_config_error,
+           w.stale_at, w.refreshed_at, w.consecutive_failures
+      FROM (SELECT c.workspace_id, s.provider, s.provider_config, c.stale_at, c.refreshed_at,
+                   c.consecutive_failures
+              FROM workspace_availability_cache AS c
+              JOIN {source} AS s ON s.workspace_id = c.workspace_id
+             WHERE s.enabled AND c.stale_at <= %(now)s
+             ORDER BY c.stale_at, c.workspace_id
+             LIMIT %(limit)s) AS w
+     CROSS JOIN LATERAL ({config_check}) AS chk
+     ORDER BY w.stale_at, w.workspace_id
     """
 )
 
-# Enabled workspaces that have no cache row at all, oldest workspace first.
+# Enabled workspaces that have no cache row at all, oldest workspace first (a NULL
+# created_at last); provider_config as in DUE_CACHES. Rows that cannot be cached (a NULL
+# or over-long workspace_id; INVALID_SOURCE_ROWS counts them) are left out: they would
+# take slots of the limit, then fail the write of their whole batch.
 MISSING_CACHES = sql.SQL(
     """
-    SELECT w.workspace_id, w.provider, w.provider_config, w.created_at
-      FROM {source} AS w
-     WHERE w.enabled
-       AND NOT EXISTS (SELECT 1 FROM workspace_availability_cache AS c
-                        WHERE c.workspace_id = w.workspace_id)
-     ORDER BY w.created_at, w.workspace_id
-     LIMIT %(limit)s
+    SELECT w.workspace_id, w.provider,
+           CASE WHEN chk.error IS NULL THEN w.provider_config END AS provider_config,
+           chk.error AS provider_config_error,
+           w.created_at
+      FROM (SELECT s.workspace_id, s.provider, s.provider_config, s.created_at
+              FROM {source} AS s
+             WHERE s.enabled AND octet_length(s.workspace_id) <= %(max_workspace_id_bytes)s
+               AND NOT EXISTS (SELECT 1 FROM workspace_availability_cache AS c
+                                WHERE c.workspace_id = s.workspace_id)
+             ORDER BY s.created_at NULLS LAST, s.workspace_id
+             LIMIT %(limit)s) AS w
+     CROSS JOIN LATERAL ({config_check}) AS chk
+     ORDER BY w.created_at NULLS LAST, w.workspace_id
     """
 )
 
-# One workspace and the state of its cache, for `refresh --workspace`.
+# Enabled source rows that break the contract on a key column: a NULL or over-long
+# workspace_id (no cache row can hold it: MISSING_CACHES leaves them out), or a NULL
+# created_at on a workspace without a cache row (planned last); and the first few of the
+# latter by id. Two scans of the source: the
+# cache is probed (an anti-join) only for the rare rows with a NULL created_at; an OR
+# with a probe per row would also cost enough, on paper, to have the server JIT-compile it.
+INVALID_SOURCE_ROWS = sql.SQL(
+    """
+    SELECT k.null_workspace_id, k.long_workspace_id, d.null_created_at, d.null_created_at_ids
+      FROM (SELECT count(*) FILTER (WHERE w.workspace_id IS NULL) AS null_workspace_id,
+                   count(*) FILTER (WHERE octet_length(w.workspace_id)
+                                          > %(max_workspace_id_bytes)s) AS long_workspace_id
+              FROM {source} AS w
+             WHERE w.enabled
+               AND (w.workspace_id IS NULL
+                    OR octet_length(w.workspace_id) > %(max_workspace_id_bytes)s)) AS k,
+           (SELECT count(*) AS null_created_at,
+                   coalesce((array_agg(w.workspace_id ORDER BY w.workspace_id))[1:%(named)s],
+                            '{{}}') AS null_created_at_ids
+              FROM {source} AS w
+             WHERE w.enabled AND w.created_at IS NULL
+               AND octet_length(w.workspace_id) <= %(max_workspace_id_bytes)s
+               AND NOT EXISTS (SELECT 1 FROM workspace_availability_cache AS c
+                                WHERE c.workspace_id = w.workspace_id)) AS d
+    """
+)
+
+# One workspace and the state of its cache, for `refresh --workspace`; provider_config as
+# in DUE_CACHES.
 ONE_WORKSPACE = sql.SQL(
     """
-    SELECT w.workspace_id, w.provider, w.provider_config, w.enabled, w.created_at,
+    SELECT w.workspace_id, w.provider,
+           CASE WHEN chk.error IS NULL THEN w.provider_config END AS provider_config,
+           chk.error AS provider_config_error,
+           w.enabled, w.created_at,
            c.stale_at, c.refreshed_at, coalesce(c.consecutive_failures, 0) AS consecutive_failures,
            (c.workspace_id IS NOT NULL) AS has_cache
       FROM {source} AS w
+      CROSS JOIN LATERAL ({config_check}) AS chk
       LEFT JOIN workspace_availability_cache AS c ON c.workspace_id = w.workspace_id
      WHERE w.workspace_id = %(workspace_id)s
     """
@@ -300,10 +371,12 @@ PRUNE_RUNS = sql.SQL(
 
 # --- metrics --------------------------------------------------------------------------------
 
-# Staleness of enabled workspaces, measured from the last *successful* refresh.
+# Staleness of enabled workspaces, measured from the last *successful* refresh. A source
+# row without a workspace_id is no workspace (INVALID_SOURCE_ROWS counts it).
 STALENESS = sql.SQL(
     """
-    WITH w AS (SELECT workspace_id, created_at FROM {source} WHERE enabled),
+    WITH w AS (SELECT workspace_id, created_at FROM {source}
+                WHERE enabled AND workspace_id IS NOT NULL),
          c AS (SELECT c.stale_at, c.refreshed_at, c.range_start, c.last_error
                  FROM workspace_availability_cache AS c
                  JOIN w ON w.workspace_id = c.workspace_id)
@@ -411,10 +484,14 @@ DEMO_CACHE = sql.SQL(
 # --- show -----------------------------------------------------------------------------------
 
 # One workspace, its source row and its cache row, with the first 5 slots only (a cache
-# may hold thousands; `show` prints a glimpse, and the count).
+# may hold thousands; `show` prints a glimpse, and the count); provider_config as in
+# DUE_CACHES.
 WORKSPACE_DETAILS = sql.SQL(
     """
-    SELECT w.workspace_id, w.provider, w.provider_config, w.enabled, w.created_at,
+    SELECT w.workspace_id, w.provider,
+           CASE WHEN chk.error IS NULL THEN w.provider_config END AS provider_config,
+           chk.error AS provider_config_error,
+           w.enabled, w.created_at,
            (c.workspace_id IS NOT NULL) AS has_cache,
            coalesce(c.slot_count, jsonb_array_length(c.slots_utc)) AS slot_count,
            jsonb_path_query_array(c.slots_utc, '$[0 to 4]') AS first_slots,
@@ -422,6 +499,7 @@ WORKSPACE_DETAILS = sql.SQL(
            c.last_error, c.last_error_at, coalesce(c.consecutive_failures, 0)
                AS consecutive_failures
       FROM {source} AS w
+      CROSS JOIN LATERAL ({config_check}) AS chk
       LEFT JOIN workspace_availability_cache AS c ON c.workspace_id = w.workspace_id
      WHERE w.workspace_id = %(workspace_id)s
     """
@@ -440,5 +518,7 @@ CACHE_ROW = sql.SQL(
 
 
 def with_source(query: sql.SQL, source_table: str) -> sql.Composed:
-    """Fill ``{source}`` with the configured relation, quoted as an identifier."""
-    return query.format(source=sql.Identifier(*source_table.split(".")))
+    """Fill ``{source}`` with the configured relation, quoted as an identifier, and
+    ``{config_check}`` (where used) with :data:`CONFIG_CHECK`."""
+    return query.format(source=sql.Identifier(*source_table.split(".")),
+                        config_check=CONFIG_CHECK)

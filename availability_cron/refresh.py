@@ -40,6 +40,7 @@ from .providers import (
 )
 from .providers.scopes import Call, calling
 from .settings import Settings, scrub
+from .source import caps, row_error, warn_invalid_rows
 
 log = logging.getLogger(__name__)
 
@@ -68,16 +69,22 @@ Reason = Literal["stale", "missing", "requested"]
 # --- rows -----------------------------------------------------------------------------------
 
 
+# provider and provider_config come from the source as they are: provider may be NULL in a
+# view, and provider_config is None (with provider_config_error saying why) when it is over
+# the caps of source.py. source.row_error() turns either into the workspace's error.
+
+
 @dataclass(frozen=True)
 class DueCache:
     """A cache row whose stale_at has passed (no slots loaded)."""
 
     workspace_id: str
-    provider: str
+    provider: str | None
     provider_config: Any
     stale_at: datetime
     refreshed_at: datetime | None
     consecutive_failures: int
+    provider_config_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -85,9 +92,11 @@ class MissingWorkspace:
     """An enabled workspace with no cache row yet."""
 
     workspace_id: str
-    provider: str
+    provider: str | None
     provider_config: Any
-    created_at: datetime
+    #: NULL in a view that breaks the contract: planned after every dated workspace.
+    created_at: datetime | None
+    provider_config_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -95,14 +104,15 @@ class WorkspaceState:
     """One workspace and its cache state, for ``refresh --workspace``."""
 
     workspace_id: str
-    provider: str
+    provider: str | None
     provider_config: Any
-    enabled: bool
-    created_at: datetime
+    enabled: bool | None
+    created_at: datetime | None
     stale_at: datetime | None
     refreshed_at: datetime | None
     consecutive_failures: int
     has_cache: bool
+    provider_config_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -116,6 +126,9 @@ class PlannedRefresh:
     #: stale_at for a stale cache, created_at for a missing one.
     due_since: datetime
     consecutive_failures: int = 0
+    #: Why the source row cannot be refreshed (source.row_error): the call then fails
+    #: with this as a permanent error, before any provider is touched.
+    source_error: str | None = None
 
     def overdue_seconds(self, now: datetime) -> float:
         return (now - self.due_since).total_seconds()
@@ -159,8 +172,9 @@ def plan(
     """Decide which refreshes this run attempts, and in which order.
 
     - At most ``limit`` entries. ``reserved_for_missing(limit, reserve)`` of them go to
-      missing caches (oldest workspace first) when there are that many; capacity one
-      side leaves unused goes to the other, so nothing is wasted.
+      missing caches (oldest workspace first, those without a created_at last, by id)
+      when there are that many; capacity one side leaves unused goes to the other, so
+      nothing is wasted.
     - Order: the reserved missing entries first, so that a deadline that cuts the run
       short still starts them; then stale caches, stalest first (``stale_at``
       ascending, ties by id); then any extra missing entries.
@@ -169,7 +183,8 @@ def plan(
     stale = sorted(
         (d for d in due if d.stale_at <= now), key=lambda d: (d.stale_at, d.workspace_id)
     )
-    new = sorted(missing, key=lambda m: (m.created_at, m.workspace_id))
+    new = sorted(missing, key=lambda m: (m.created_at is None, m.created_at or now,
+                                         m.workspace_id))
     limit = max(0, limit)
 
     reserved = min(len(new), reserved_for_missing(limit, reserve))
@@ -177,13 +192,15 @@ def plan(
     extra_missing = min(len(new) - reserved, limit - reserved - stale_take)
 
     def as_missing(m: MissingWorkspace) -> PlannedRefresh:
-        return PlannedRefresh(m.workspace_id, m.provider, m.provider_config, "missing",
-                              m.created_at, 0)
+        return PlannedRefresh(m.workspace_id, m.provider or "", m.provider_config, "missing",
+                              m.created_at or now, 0,
+                              row_error(m.provider, m.provider_config_error))
 
     queue = [as_missing(m) for m in new[:reserved]]
     queue += [
-        PlannedRefresh(d.workspace_id, d.provider, d.provider_config, "stale", d.stale_at,
-                       d.consecutive_failures)
+        PlannedRefresh(d.workspace_id, d.provider or "", d.provider_config, "stale",
+                       d.stale_at, d.consecutive_failures,
+                       row_error(d.provider, d.provider_config_error))
         for d in stale[:stale_take]
     ]
     queue += [as_missing(m) for m in new[reserved:reserved + extra_missing]]
@@ -392,6 +409,8 @@ def call_provider(item: PlannedRefresh, ctx: CallContext) -> Outcome:
     call = Call(item.workspace_id, provider_context.secret_scopes,
                 provider_context.destinations)
     try:
+        if item.source_error is not None:
+            raise PermanentProviderError(item.source_error)
         if not isinstance(item.provider_config, Mapping):
             raise PermanentProviderError(
                 f"provider_config must be a JSON object, got {type(item.provider_config).__name__}"
@@ -659,21 +678,23 @@ class _Sweep:
 
 def fetch_due(conn: db.Connection, source: str, now: datetime, limit: int) -> list[DueCache]:
     with conn.cursor(row_factory=class_row(DueCache)) as cur:
-        cur.execute(queries.with_source(queries.DUE_CACHES, source), {"now": now, "limit": limit})
+        cur.execute(queries.with_source(queries.DUE_CACHES, source),
+                    {"now": now, "limit": limit, **caps()})
         return cur.fetchall()
 
 
 def fetch_missing(conn: db.Connection, source: str, limit: int) -> list[MissingWorkspace]:
+    """Missing caches, without the rows that cannot be cached (source.fetch_invalid_rows)."""
     with conn.cursor(row_factory=class_row(MissingWorkspace)) as cur:
-        cur.execute(queries.with_source(queries.MISSING_CACHES, source), {"limit": limit})
+        cur.execute(queries.with_source(queries.MISSING_CACHES, source),
+                    {"limit": limit, **caps()})
         return cur.fetchall()
 
 
 def fetch_workspace(conn: db.Connection, source: str, workspace_id: str) -> WorkspaceState | None:
     with conn.cursor(row_factory=class_row(WorkspaceState)) as cur:
-        cur.execute(
-            queries.with_source(queries.ONE_WORKSPACE, source), {"workspace_id": workspace_id}
-        )
+        cur.execute(queries.with_source(queries.ONE_WORKSPACE, source),
+                    {"workspace_id": workspace_id, **caps()})
         return cur.fetchone()
 
 
@@ -761,6 +782,9 @@ class RunSummary:
     skipped_deadline: int = 0
     unfinished: int = 0
     superseded: int = 0
+    #: Source rows breaking the contract on a key column (source.InvalidRows), named in a
+    #: WARNING: skipped, or (a NULL created_at) planned after every dated workspace.
+    invalid_source_rows: int = 0
     finished_within_budget: bool = False
     workspace: str | None = None
     holder: dict[str, object] | None = None
@@ -786,6 +810,7 @@ class RunSummary:
             "skippedDeadline": self.skipped_deadline,
             "unfinished": self.unfinished,
             "superseded": self.superseded,
+            "invalidSourceRows": self.invalid_source_rows,
             "finishedWithinBudget": self.finished_within_budget,
         }
         if self.workspace is not None:
@@ -864,6 +889,7 @@ def _run_sweep(
     *,
     alive: Callable[[], bool] | None = None,
     on_progress: Callable[[SweepProgress], None] | None = None,
+    invalid_source_rows: int = 0,
 ) -> SweepResult:
     deadline = rt.started_monotonic + settings.time_budget_ms / 1000
     secrets = settings.secrets()
@@ -906,7 +932,7 @@ def _run_sweep(
         if isinstance(partial, SweepResult):
             exc.summary = _sweep_summary(
                 settings, rt, len(queue), partial, success=False, skipped=False,
-                reason="error", error=exc.message,
+                reason="error", error=exc.message, invalid_source_rows=invalid_source_rows,
             )
         raise
     finally:
@@ -956,6 +982,7 @@ def run_refresh(
                         reserve=settings.missing_reserve,
                         now=now,
                     )
+                    invalid = warn_invalid_rows(work, settings.source_table)
                     log.info(
                         "planned %d refreshes (%d missing, %d stale)",
                         len(the_plan.queue), the_plan.missing, the_plan.stale,
@@ -964,10 +991,12 @@ def run_refresh(
                         settings, rt, work, the_plan.queue,
                         alive=taken.alive,
                         on_progress=on_progress,
+                        invalid_source_rows=invalid,
                     )
                     return _sweep_summary(
                         settings, rt, len(the_plan.queue), result,
                         success=True, skipped=False, reason=None,
+                        invalid_source_rows=invalid,
                     )
         finally:
             lock_conn.close()
@@ -1026,8 +1055,10 @@ def refresh_workspace(
         if not state.enabled:
             raise ConfigError(f"--workspace: workspace {workspace_id!r} is disabled")
         item = PlannedRefresh(
-            state.workspace_id, state.provider, state.provider_config, "requested",
-            state.stale_at or state.created_at, state.consecutive_failures,
+            state.workspace_id, state.provider or "", state.provider_config, "requested",
+            # A NULL created_at (a view) does not keep an engineer from refreshing it.
+            state.stale_at or state.created_at or rt.clock(), state.consecutive_failures,
+            row_error(state.provider, state.provider_config_error),
         )
         result = _run_sweep(settings, rt, work, [item])
         if result.succeeded == 1:
@@ -1051,6 +1082,8 @@ class DryRun:
     lock_held: bool
     holder: dict[str, object] | None
     limit: int
+    #: Source rows breaking the contract on a key column (source.InvalidRows).
+    invalid_source_rows: int = 0
 
     def as_json(self) -> dict[str, object]:
         return {
@@ -1061,16 +1094,19 @@ class DryRun:
             "missingPlanned": self.plan.missing,
             "stalePlanned": self.plan.stale,
             "missingReserved": self.plan.missing_reserved,
+            "invalidSourceRows": self.invalid_source_rows,
             "lockHeld": self.lock_held,
             "holder": self.holder,
             "queue": [
                 {
                     "position": i,
                     "workspaceId": item.workspace_id,
-                    "provider": item.provider,
+                    "provider": item.provider or None,
                     "reason": item.reason,
                     "overdueSeconds": round(item.overdue_seconds(self.at), 1),
                     "consecutiveFailures": item.consecutive_failures,
+                    # The permanent error the call would end in, without calling anything.
+                    "sourceError": item.source_error,
                 }
                 for i, item in enumerate(self.plan.queue, start=1)
             ],
@@ -1089,6 +1125,7 @@ def dry_run(settings: Settings, rt: Runtime, *, default_source: str) -> DryRun:
             reserve=settings.missing_reserve,
             now=now,
         )
+        invalid = warn_invalid_rows(conn, settings.source_table)
         holder = lock.find_holder(conn, settings.lock_key)
         return DryRun(
             at=now,
@@ -1096,6 +1133,7 @@ def dry_run(settings: Settings, rt: Runtime, *, default_source: str) -> DryRun:
             lock_held=holder is not None,
             holder=holder.as_json() if holder else None,
             limit=settings.limit,
+            invalid_source_rows=invalid,
         )
 
 

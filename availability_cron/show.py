@@ -20,6 +20,7 @@ from . import db, queries
 from .errors import ConfigError
 from .refresh import config_secrets, redact_config
 from .settings import scrub
+from .source import caps
 
 
 @dataclass(frozen=True)
@@ -27,10 +28,11 @@ class WorkspaceDetails:
     """A source row joined with its cache row (cache columns NULL when there is none)."""
 
     workspace_id: str
-    provider: str
+    provider: str | None
+    #: None, with provider_config_error saying why, when over the caps of source.py.
     provider_config: Any
-    enabled: bool
-    created_at: datetime
+    enabled: bool | None
+    created_at: datetime | None
     has_cache: bool
     slot_count: int | None
     first_slots: list[str] | None
@@ -42,12 +44,13 @@ class WorkspaceDetails:
     last_error: str | None
     last_error_at: datetime | None
     consecutive_failures: int
+    provider_config_error: str | None = None
 
 
 def fetch_details(conn: db.Connection, source: str, workspace_id: str) -> WorkspaceDetails | None:
     with conn.cursor(row_factory=class_row(WorkspaceDetails)) as cur:
         cur.execute(queries.with_source(queries.WORKSPACE_DETAILS, source),
-                    {"workspace_id": workspace_id})
+                    {"workspace_id": workspace_id, **caps()})
         return cur.fetchone()
 
 
@@ -63,7 +66,7 @@ class WorkspaceView:
     def due_now(self) -> bool:
         """A cron run would pick it now: enabled, and no cache yet or its stale_at passed."""
         d = self.details
-        return d.enabled and (d.stale_at is None or d.stale_at <= self.at)
+        return bool(d.enabled) and (d.stale_at is None or d.stale_at <= self.at)
 
     def as_json(self) -> dict[str, object]:
         d = self.details
@@ -84,15 +87,18 @@ class WorkspaceView:
                 "lastErrorAt": _iso(d.last_error_at),
                 "consecutiveFailures": d.consecutive_failures,
             }
+        shown_source: dict[str, object] = {
+            "provider": d.provider,
+            "providerConfig": redact_config(d.provider_config),
+            "enabled": d.enabled,
+            "createdAt": _iso(d.created_at),
+        }
+        if d.provider_config_error is not None:  # why providerConfig is not shown
+            shown_source["providerConfigError"] = d.provider_config_error
         out: dict[str, object] = {
             "at": _iso(self.at),
             "workspaceId": d.workspace_id,
-            "source": {
-                "provider": d.provider,
-                "providerConfig": redact_config(d.provider_config),
-                "enabled": d.enabled,
-                "createdAt": _iso(d.created_at),
-            },
+            "source": shown_source,
             "cache": cache,
             "nextDueAt": _iso(d.stale_at) if d.has_cache else None,
             "dueNow": self.due_now,

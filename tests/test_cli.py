@@ -30,14 +30,14 @@ CLOSED_PORT_URL_WITH_PASSWORD = f"postgresql://user:{PASSWORD}@127.0.0.1:1/db"
 SUMMARY_KEYS = {
     "success", "skipped", "reason", "runId", "startedAt", "durationMs", "timeBudgetMs",
     "concurrency", "limit", "attempted", "refreshed", "errors", "missingAttempted",
-    "staleAttempted", "skippedDeadline", "finishedWithinBudget",
+    "staleAttempted", "skippedDeadline", "invalidSourceRows", "finishedWithinBudget",
 }
 
 METRICS_KEYS = {
     "at", "workspaces", "caches", "missingCaches", "staleDue", "erroringCaches",
     "neverSucceeded", "oldestSuccessAgeMinutes", "oldestRangeStartAgeMinutes",
     "successAgeP50Minutes", "successAgeP95Minutes", "oldestNeverSucceededAgeMinutes",
-    "lastRunAt", "lastCompletedRunAt",
+    "invalidSourceRows", "lastRunAt", "lastCompletedRunAt",
     "lastRefreshingRunAt", "lockSkipStreak", "runs24h", "runsFailed24h", "runsOverBudget24h",
     "runDurationP50Ms", "runDurationP95Ms",
 }

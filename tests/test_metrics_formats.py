@@ -82,8 +82,8 @@ def report_with(age_minutes: float | None, streak: int | None) -> StalenessRepor
 
 
 def test_prometheus_text_has_every_number_as_a_gauge_with_ages_in_seconds():
-    families = parse(render_prometheus(
-        dataclasses.replace(REPORT, oldest_never_succeeded_age_seconds=300.0)))
+    families = parse(render_prometheus(dataclasses.replace(
+        REPORT, oldest_never_succeeded_age_seconds=300.0, invalid_source_rows=2)))
 
     assert all(f.type == "gauge" and f.documentation for f in families.values())
     assert all(name.startswith("availability_cron_") for name in families)
@@ -94,6 +94,7 @@ def test_prometheus_text_has_every_number_as_a_gauge_with_ages_in_seconds():
         "availability_cron_stale_due_caches": 12,
         "availability_cron_erroring_caches": 5,
         "availability_cron_never_succeeded_workspaces": 14,
+        "availability_cron_invalid_source_rows": 2,
         "availability_cron_oldest_success_age_seconds": 754.25,
         "availability_cron_oldest_range_start_age_seconds": 760.0,
         "availability_cron_oldest_never_succeeded_age_seconds": 300.0,
