@@ -27,7 +27,8 @@ import typer  # noqa: E402
 
 from .errors import AvailabilityCronError, ConfigError  # noqa: E402
 from .ping import TIMEOUT_SECONDS as PING_TIMEOUT_SECONDS  # noqa: E402  (stdlib-only module)
-from .settings import SPEC_BY_FIELD, SPECS, Settings, load_settings, read_env_file, scrub  # noqa: E402
+from .redact import scrub  # noqa: E402  (stdlib-only module)
+from .settings import SPEC_BY_FIELD, SPECS, Settings, load_settings, read_env_file  # noqa: E402
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -957,12 +958,12 @@ def config(
             "databaseUrlFrom": lock_url_from,
         },
     }
-    # Last line of defence: describe() redacts; nothing secret may slip through anyway.
-    text = scrub(_json(report), settings.secrets())
+    # Built from redacted values (describe, shown_value); the serialised text is never
+    # scrubbed: a password such as `null` or `7500` would corrupt it.
     if _resolve_format(output) is OutputFormat.table:
-        _print_config_table(json.loads(text))
+        _print_config_table(report)
     else:
-        sys.stdout.write(text + "\n")
+        _print_json(report)
 
 
 def _print_config_table(report: dict[str, Any]) -> None:

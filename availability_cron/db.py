@@ -27,7 +27,7 @@ from tenacity import (
     wait_exponential,
 )
 
-from . import queries
+from . import queries, redact
 from .errors import (
     AvailabilityCronError,
     ConfigError,
@@ -39,7 +39,6 @@ from .errors import (
     TransactionPooler,
 )
 from .lock import lock_key
-from .settings import scrub, url_secrets
 
 log = logging.getLogger(__name__)
 
@@ -62,15 +61,23 @@ def check_url(url: str, name: str = "DATABASE_URL") -> None:
     """Parse ``url`` locally (no network); a malformed one is a ConfigError.
 
     libpq only checks values such as the port when it connects, and then fails in a
-    way that looks like "database down"; a typo must be exit 2, not a page.
+    way that looks like "database down"; a typo must be exit 2, not a page. No message
+    quotes any part of a password: libpq's own parse error quotes the offending input, so
+    its quoted parts are cut (:func:`redact.libpq_parse_error`).
     """
-    secrets = url_secrets(url)
     try:
         params = psycopg.conninfo.conninfo_to_dict(url)
     except psycopg.ProgrammingError as exc:
+        reason = redact.scrub(redact.libpq_parse_error(str(exc)), redact.url_secrets(url))
         raise ConfigError(
-            f"{name} is not a valid PostgreSQL connection string: {_reason(exc, secrets)}"
+            f"{name} is not a valid PostgreSQL connection string: {reason[:300]}"
         ) from None
+    if redact.ambiguous_url(url):
+        # libpq would read part of the password as a host, a port or a user name.
+        raise ConfigError(
+            f"{name} has an '@' that libpq would not read as the end of the user and "
+            "password: percent-encode '/', '?' and '@' in them (/ is %2F, ? is %3F, @ is %40)"
+        )
     for port in str(params.get("port") or "5432").split(","):
         if not (port.strip().isdigit() and 1 <= int(port) <= 65535):
             raise ConfigError(f"{name} has an invalid port {port!r}: expected 1 to 65535")
@@ -135,8 +142,9 @@ def connect(
             raise ConfigError(f"{name} has an invalid parameter: {reason}") from None
         after = f" after {tries} attempts" if tries > 1 else ""
         raise DatabaseUnavailable(f"cannot connect to the database{after}: {reason}") from None
-    except psycopg.ProgrammingError as exc:
-        raise ConfigError(f"{name} is not usable: {_reason(exc, secrets)}") from None
+    except psycopg.ProgrammingError as exc:  # the URL does not parse: libpq quotes it
+        reason = redact.scrub(redact.libpq_parse_error(str(exc)), secrets)
+        raise ConfigError(f"{name} is not usable: {reason[:400]}") from None
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -162,8 +170,9 @@ def _prepare(conn: Connection) -> None:
 def _reason(exc: BaseException, secrets: list[str]) -> str:
     """The first meaningful line of a driver error, with secrets removed."""
     text = " ".join(str(exc).split()) or type(exc).__name__
+    # A libpq message may quote a key=value fragment of a connection string.
     text = re.sub(r"password=\S+", "password=***", text)
-    return scrub(text, secrets)[:400]
+    return redact.scrub(text, secrets)[:400]
 
 
 @contextmanager

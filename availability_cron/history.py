@@ -22,8 +22,9 @@ from psycopg.types.json import Jsonb
 
 from . import db, queries
 from .errors import AvailabilityCronError
+from .redact import scrub
 from .refresh import RunSummary
-from .settings import Settings, scrub
+from .settings import Settings
 
 log = logging.getLogger(__name__)
 

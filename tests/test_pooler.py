@@ -83,14 +83,15 @@ def pooler(server_url: str) -> Iterator[StartPooler]:
     host = str(server.get("host") or "127.0.0.1")
     started: list[tuple[subprocess.Popen[bytes], Path]] = []
 
-    def start(mode: str, pool_size: int = 5) -> Pooler:
+    def start(mode: str, pool_size: int = 5, password: str | None = None) -> Pooler:
+        """With ``password``, clients must give it (md5); else any client is let in."""
         port = _free_port()
         workdir = Path(tempfile.mkdtemp(prefix=f"avc-pgbouncer-{mode}-"))
         user = str(server.get("user") or "postgres")
         target = f"host={host} port={server.get('port') or 5432} user={user}"
         if server.get("password"):
             target += f" password={server['password']}"
-        (workdir / "users.txt").write_text(f'"{user}" ""\n')
+        (workdir / "users.txt").write_text(f'"{user}" "{password or ""}"\n')
         (workdir / "pgbouncer.ini").write_text(
             "[databases]\n"
             f"* = {target}\n"
@@ -98,7 +99,7 @@ def pooler(server_url: str) -> Iterator[StartPooler]:
             "listen_addr = 127.0.0.1\n"
             f"listen_port = {port}\n"
             "unix_socket_dir =\n"
-            "auth_type = trust\n"
+            f"auth_type = {'md5' if password else 'trust'}\n"
             f"auth_file = {workdir / 'users.txt'}\n"
             f"pool_mode = {mode}\n"
             f"default_pool_size = {pool_size}\n"
@@ -280,3 +281,18 @@ def test_with_a_lock_url_that_keeps_a_session_one_run_refreshes_and_the_other_sk
     row = cache_row(conn, "ws-slow")
     assert row is not None and row["refreshed_at"] is not None
     assert lock.find_holder(conn, REFRESH_KEY) is None
+
+
+# --- errors from the server, through the pooler --------------------------------------------------
+
+
+def test_a_rejected_password_is_reported_readably_and_without_the_password(database_url, pooler):
+    # "word" is inside "password": only the whole password, standing alone, is the secret.
+    guarded = pooler("transaction", password="the-real-one")
+    url = psycopg.conninfo.make_conninfo(guarded.url(database_url), password="word")
+
+    result = run_cli("db", "migrate", env=clean_env(DATABASE_URL=url))
+
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert "FATAL: password authentication failed" in result.stderr
+    assert "***" not in result.stderr
