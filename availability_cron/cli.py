@@ -240,8 +240,13 @@ def _runtime(settings: Settings, run_id: str, started: float,
             # DATABASE_URL goes through a transaction-mode pooler (docs/operations.md).
             return db.connect(settings.lock_database_url, application_name=name,
                               secrets=settings.secrets(),
-                              name="AVAILABILITY_CRON_LOCK_DATABASE_URL")
-        return db.connect(url, application_name=name, secrets=settings.secrets())
+                              name="AVAILABILITY_CRON_LOCK_DATABASE_URL", own_session=True)
+        # The lock's session is its own. So is the work connection's when it shares the
+        # lock's URL (a run refuses a transaction pooler there); with a lock URL of its own,
+        # DATABASE_URL may be one, and nothing may be SET on its sessions.
+        own = purpose == "lock" or (purpose == "work" and not settings.lock_database_url)
+        return db.connect(url, application_name=name, secrets=settings.secrets(),
+                          own_session=own)
 
     return Runtime(
         run_id=run_id,

@@ -97,14 +97,21 @@ def connect(
     attempts: int = CONNECT_ATTEMPTS,
     name: str = "DATABASE_URL",
     connect_timeout: int = CONNECT_TIMEOUT_SECONDS,
+    own_session: bool = False,
 ) -> Connection:
     """Open an autocommit connection, retrying briefly; raise DatabaseUnavailable if it fails.
 
     Only failures that may pass are retried (refused, reset, timed out). A rejected
     password, a missing database or an invalid connection parameter fails at once:
     retrying cannot fix them. An invalid parameter value is a ConfigError (exit 2);
-    ``name`` is the setting the URL came from, for its message. The session is then
-    prepared for a long, mostly idle run (see _prepare).
+    ``name`` is the setting the URL came from, for its message.
+
+    ``own_session``: the connection is known to be a server session of its own (direct, or
+    a session-mode pooler): the lock's, or the work connection when it shares the lock's
+    URL. Only then is the session prepared for a long, mostly idle run (see _prepare).
+    Otherwise (the default) nothing is SET on the session: a transaction-mode pooler may
+    hand it to another client after any statement, and a setting would go with it. Bounds
+    a statement needs come from :func:`bounded_transaction` instead.
     """
     tries = 0
 
@@ -134,7 +141,8 @@ def connect(
                     keepalives_count=3,
                     tcp_user_timeout=30_000,
                 )
-                _prepare(conn)
+                if own_session:
+                    _prepare(conn)
                 return conn
     except psycopg.OperationalError as exc:
         reason = _reason(exc, secrets)
@@ -161,10 +169,29 @@ def _is_final(exc: BaseException) -> bool:
 
 
 def _prepare(conn: Connection) -> None:
-    """Make the session survive a long run: no idle timeout, quick dead-peer detection."""
+    """Make the session survive a long run: no idle timeout, quick dead-peer detection.
+
+    Session settings: for a connection that is a session of its own only (see connect).
+    """
     if conn.info.server_version >= 140000:
         conn.execute(queries.KEEP_IDLE_SESSION)
     conn.execute(queries.SESSION_KEEPALIVES)
+
+
+@contextmanager
+def bounded_transaction(conn: Connection, ms: int) -> Iterator[None]:
+    """A transaction in which every statement, and every idle gap between statements, is
+    bounded by ``ms`` milliseconds (statement_timeout, lock_timeout and
+    idle_in_transaction_session_timeout).
+
+    The bounds are SET LOCAL: they end with the transaction, on commit or rollback, so they
+    hold on a connection through a transaction-mode pooler (which keeps a transaction on
+    one server session) and are never left on a server session the pooler hands to the app
+    next. Nested in another transaction, they last until that one ends.
+    """
+    with conn.transaction():
+        conn.execute(queries.SET_LOCAL_TIMEOUTS, {"ms": str(ms)})
+        yield
 
 
 def _reason(exc: BaseException, secrets: list[str]) -> str:

@@ -168,8 +168,10 @@ def make_runtime(
     rid = run_id or uuid.uuid4().hex[:12]
 
     def connect(purpose: str) -> db.Connection:
+        # One URL for the lock and the work, as in a run without a lock URL (cli._runtime).
         return db.connect(database_url, application_name=f"availability-cron {purpose} "
-                          f"run={rid} test", secrets=[])
+                          f"run={rid} test", secrets=[],
+                          own_session=purpose in ("lock", "work"))
 
     env = dict(environ or {})
     return Runtime(
