@@ -224,11 +224,15 @@ def run_cli(
 
 
 def wait_for_backend(conn: psycopg.Connection[Any], purpose: str, timeout: float = 10) -> int:
-    """The backend pid of a run's connection for ``purpose`` ("lock", "work"), once it exists."""
+    """The backend pid of a run's connection for ``purpose`` ("lock", "work"), once it exists.
+
+    Only in ``conn``'s database: other suites may be running on the same server.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         row = conn.execute(
-            "SELECT pid FROM pg_stat_activity WHERE application_name LIKE %s",
+            "SELECT pid FROM pg_stat_activity WHERE application_name LIKE %s"
+            " AND datname = current_database()",
             (f"availability-cron {purpose} run=%",),
         ).fetchone()
         if row:
