@@ -27,7 +27,8 @@ import typer  # noqa: E402
 
 from .errors import AvailabilityCronError, ConfigError  # noqa: E402
 from .ping import TIMEOUT_SECONDS as PING_TIMEOUT_SECONDS  # noqa: E402  (stdlib-only module)
-from .settings import SPEC_BY_FIELD, SPECS, Settings, load_settings, read_env_file, scrub  # noqa: E402
+from .redact import scrub  # noqa: E402  (stdlib-only module)
+from .settings import SPEC_BY_FIELD, SPECS, Settings, load_settings, read_env_file  # noqa: E402
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -240,8 +241,13 @@ def _runtime(settings: Settings, run_id: str, started: float,
             # DATABASE_URL goes through a transaction-mode pooler (docs/operations.md).
             return db.connect(settings.lock_database_url, application_name=name,
                               secrets=settings.secrets(),
-                              name="AVAILABILITY_CRON_LOCK_DATABASE_URL")
-        return db.connect(url, application_name=name, secrets=settings.secrets())
+                              name="AVAILABILITY_CRON_LOCK_DATABASE_URL", own_session=True)
+        # The lock's session is its own. So is the work connection's when it shares the
+        # lock's URL (a run refuses a transaction pooler there); with a lock URL of its own,
+        # DATABASE_URL may be one, and nothing may be SET on its sessions.
+        own = purpose == "lock" or (purpose == "work" and not settings.lock_database_url)
+        return db.connect(url, application_name=name, secrets=settings.secrets(),
+                          own_session=own)
 
     return Runtime(
         run_id=run_id,
@@ -961,12 +967,12 @@ def config(
             "databaseUrlFrom": lock_url_from,
         },
     }
-    # Last line of defence: describe() redacts; nothing secret may slip through anyway.
-    text = scrub(_json(report), settings.secrets())
+    # Built from redacted values (describe, shown_value); the serialised text is never
+    # scrubbed: a password such as `null` or `7500` would corrupt it.
     if _resolve_format(output) is OutputFormat.table:
-        _print_config_table(json.loads(text))
+        _print_config_table(report)
     else:
-        sys.stdout.write(text + "\n")
+        _print_json(report)
 
 
 def _print_config_table(report: dict[str, Any]) -> None:

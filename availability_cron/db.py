@@ -27,7 +27,7 @@ from tenacity import (
     wait_exponential,
 )
 
-from . import queries
+from . import queries, redact
 from .errors import (
     AvailabilityCronError,
     ConfigError,
@@ -39,7 +39,6 @@ from .errors import (
     TransactionPooler,
 )
 from .lock import lock_key
-from .settings import scrub, url_secrets
 
 log = logging.getLogger(__name__)
 
@@ -62,15 +61,23 @@ def check_url(url: str, name: str = "DATABASE_URL") -> None:
     """Parse ``url`` locally (no network); a malformed one is a ConfigError.
 
     libpq only checks values such as the port when it connects, and then fails in a
-    way that looks like "database down"; a typo must be exit 2, not a page.
+    way that looks like "database down"; a typo must be exit 2, not a page. No message
+    quotes any part of a password: libpq's own parse error quotes the offending input, so
+    its quoted parts are cut (:func:`redact.libpq_parse_error`).
     """
-    secrets = url_secrets(url)
     try:
         params = psycopg.conninfo.conninfo_to_dict(url)
     except psycopg.ProgrammingError as exc:
+        reason = redact.scrub(redact.libpq_parse_error(str(exc)), redact.url_secrets(url))
         raise ConfigError(
-            f"{name} is not a valid PostgreSQL connection string: {_reason(exc, secrets)}"
+            f"{name} is not a valid PostgreSQL connection string: {reason[:300]}"
         ) from None
+    if redact.ambiguous_url(url):
+        # libpq would read part of the password as a host, a port or a user name.
+        raise ConfigError(
+            f"{name} has an '@' that libpq would not read as the end of the user and "
+            "password: percent-encode '/', '?' and '@' in them (/ is %2F, ? is %3F, @ is %40)"
+        )
     for port in str(params.get("port") or "5432").split(","):
         if not (port.strip().isdigit() and 1 <= int(port) <= 65535):
             raise ConfigError(f"{name} has an invalid port {port!r}: expected 1 to 65535")
@@ -90,14 +97,21 @@ def connect(
     attempts: int = CONNECT_ATTEMPTS,
     name: str = "DATABASE_URL",
     connect_timeout: int = CONNECT_TIMEOUT_SECONDS,
+    own_session: bool = False,
 ) -> Connection:
     """Open an autocommit connection, retrying briefly; raise DatabaseUnavailable if it fails.
 
     Only failures that may pass are retried (refused, reset, timed out). A rejected
     password, a missing database or an invalid connection parameter fails at once:
     retrying cannot fix them. An invalid parameter value is a ConfigError (exit 2);
-    ``name`` is the setting the URL came from, for its message. The session is then
-    prepared for a long, mostly idle run (see _prepare).
+    ``name`` is the setting the URL came from, for its message.
+
+    ``own_session``: the connection is known to be a server session of its own (direct, or
+    a session-mode pooler): the lock's, or the work connection when it shares the lock's
+    URL. Only then is the session prepared for a long, mostly idle run (see _prepare).
+    Otherwise (the default) nothing is SET on the session: a transaction-mode pooler may
+    hand it to another client after any statement, and a setting would go with it. Bounds
+    a statement needs come from :func:`bounded_transaction` instead.
     """
     tries = 0
 
@@ -127,7 +141,8 @@ def connect(
                     keepalives_count=3,
                     tcp_user_timeout=30_000,
                 )
-                _prepare(conn)
+                if own_session:
+                    _prepare(conn)
                 return conn
     except psycopg.OperationalError as exc:
         reason = _reason(exc, secrets)
@@ -135,8 +150,9 @@ def connect(
             raise ConfigError(f"{name} has an invalid parameter: {reason}") from None
         after = f" after {tries} attempts" if tries > 1 else ""
         raise DatabaseUnavailable(f"cannot connect to the database{after}: {reason}") from None
-    except psycopg.ProgrammingError as exc:
-        raise ConfigError(f"{name} is not usable: {_reason(exc, secrets)}") from None
+    except psycopg.ProgrammingError as exc:  # the URL does not parse: libpq quotes it
+        reason = redact.scrub(redact.libpq_parse_error(str(exc)), secrets)
+        raise ConfigError(f"{name} is not usable: {reason[:400]}") from None
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -153,17 +169,37 @@ def _is_final(exc: BaseException) -> bool:
 
 
 def _prepare(conn: Connection) -> None:
-    """Make the session survive a long run: no idle timeout, quick dead-peer detection."""
+    """Make the session survive a long run: no idle timeout, quick dead-peer detection.
+
+    Session settings: for a connection that is a session of its own only (see connect).
+    """
     if conn.info.server_version >= 140000:
         conn.execute(queries.KEEP_IDLE_SESSION)
     conn.execute(queries.SESSION_KEEPALIVES)
 
 
+@contextmanager
+def bounded_transaction(conn: Connection, ms: int) -> Iterator[None]:
+    """A transaction in which every statement, and every idle gap between statements, is
+    bounded by ``ms`` milliseconds (statement_timeout, lock_timeout and
+    idle_in_transaction_session_timeout).
+
+    The bounds are SET LOCAL: they end with the transaction, on commit or rollback, so they
+    hold on a connection through a transaction-mode pooler (which keeps a transaction on
+    one server session) and are never left on a server session the pooler hands to the app
+    next. Nested in another transaction, they last until that one ends.
+    """
+    with conn.transaction():
+        conn.execute(queries.SET_LOCAL_TIMEOUTS, {"ms": str(ms)})
+        yield
+
+
 def _reason(exc: BaseException, secrets: list[str]) -> str:
     """The first meaningful line of a driver error, with secrets removed."""
     text = " ".join(str(exc).split()) or type(exc).__name__
+    # A libpq message may quote a key=value fragment of a connection string.
     text = re.sub(r"password=\S+", "password=***", text)
-    return scrub(text, secrets)[:400]
+    return redact.scrub(text, secrets)[:400]
 
 
 @contextmanager

@@ -22,8 +22,9 @@ from psycopg.types.json import Jsonb
 
 from . import db, queries
 from .errors import AvailabilityCronError
+from .redact import scrub
 from .refresh import RunSummary
-from .settings import Settings, scrub
+from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,8 @@ WRITE_TIMEOUT_MS = 500
 PRUNE_BATCH = 5000
 #: Connect timeout of the history connection (libpq's minimum is 2 s).
 CONNECT_TIMEOUT_SECONDS = 2
-#: The most recording can add to a run: one connect attempt and three statements.
+#: The most recording can add to a run: one connect attempt, two bounded statements and
+#: the two that set their bounds.
 BOUND_SECONDS = CONNECT_TIMEOUT_SECONDS + 3 * WRITE_TIMEOUT_MS / 1000
 
 
@@ -114,10 +116,14 @@ def record_best_effort(
     step = "run not recorded in availability_cron_runs"
     try:
         with db.translate_errors(secrets), connect() as conn:
-            conn.execute(queries.SET_TIMEOUTS, {"ms": str(WRITE_TIMEOUT_MS)})
-            record_run(conn, summary, host=host, pid=pid, finished_at=now(), secrets=secrets)
+            # Bounds local to each transaction: DATABASE_URL may be a transaction pooler,
+            # whose next client must not inherit them.
+            with db.bounded_transaction(conn, WRITE_TIMEOUT_MS):
+                record_run(conn, summary, host=host, pid=pid, finished_at=now(),
+                           secrets=secrets)
             step = "run recorded; pruning old runs deferred to a later run"
-            pruned = prune(conn, settings.run_retention_days, now())
+            with db.bounded_transaction(conn, WRITE_TIMEOUT_MS):
+                pruned = prune(conn, settings.run_retention_days, now())
     except AvailabilityCronError as exc:
         log.warning("%s: %s", step, scrub(exc.message, secrets))
         return step.startswith("run recorded")

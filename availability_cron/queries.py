@@ -45,12 +45,19 @@ IS_STANDBY = sql.SQL("SELECT pg_is_in_recovery()")
 
 PING = sql.SQL("SELECT 1")
 
-# Bound every statement of a run by what is left of it: a row lock held by an app
-# transaction, or a DDL migration, must not keep the run (and the lock) past its budget.
-SET_TIMEOUTS = sql.SQL(
-    "SELECT set_config('statement_timeout', %(ms)s, false),"
-    " set_config('lock_timeout', %(ms)s, false)"
+# Bound the statements of one transaction, and its idle gaps, by what is left of the run: a
+# row lock held by an app transaction, or a DDL migration, must not keep the run (and the
+# lock) past its budget, and a client gone mid-transaction must not keep its row locks. The
+# third argument, true, makes them SET LOCAL: they end with the transaction and are never
+# left on a server session that a transaction-mode pooler hands to the app next.
+SET_LOCAL_TIMEOUTS = sql.SQL(
+    "SELECT set_config('statement_timeout', %(ms)s, true),"
+    " set_config('lock_timeout', %(ms)s, true),"
+    " set_config('idle_in_transaction_session_timeout', %(ms)s, true)"
 )
+
+# Session settings, for a connection that is a server session of its own only (the lock's;
+# the work connection when it shares the lock's URL): never through a transaction pooler.
 
 # Our connections idle between statements for up to a whole run; a server-wide
 # idle_session_timeout (PostgreSQL 14+) must not end them, and the lock with them.

@@ -910,8 +910,8 @@ def _run_sweep(
 
     def write(outcomes: Sequence[Outcome]) -> int:
         left_ms = int((deadline + GRACE_SECONDS - rt.monotonic()) * 1000)
-        with db.translate_errors(secrets):
-            work.execute(queries.SET_TIMEOUTS, {"ms": str(max(1000, left_ms))})
+        # Bounds local to the write's transaction: DATABASE_URL may be a transaction pooler.
+        with db.translate_errors(secrets), db.bounded_transaction(work, max(1000, left_ms)):
             return write_outcomes(work, outcomes, policy)
 
     try:

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .redact import ping_url_secrets, redact_secret_url, redact_url, url_secrets
+from .redact import scrub as scrub  # re-exported: callers scrub with the settings' secrets
 
 #: Where a setting's value came from, as shown by `availability-cron config`.
 SOURCES = ("flag", "environment", ".env", "default")
@@ -230,12 +232,11 @@ class Settings:
         return self.lock_database_url or self.require_database_url()
 
     def secrets(self) -> list[str]:
-        """Strings that must never be printed: passwords inside the URLs, the ping URL's path
-        (a Healthchecks check URL is a credential: whoever has it can ping)."""
-        found = url_secrets(self.database_url) + url_secrets(self.lock_database_url)
-        if self.ping_url:
-            path = urllib.parse.urlsplit(self.ping_url).path.strip("/")
-            found += [p for p in [path, *path.split("/")] if len(p) >= 8]
+        """Strings that must never be printed, longest first: every password in the URLs, as
+        libpq reads it and as it is written (:func:`redact.url_secrets`), and the ping URL's
+        path (:func:`redact.ping_url_secrets`)."""
+        found = (url_secrets(self.database_url) + url_secrets(self.lock_database_url)
+                 + ping_url_secrets(self.ping_url))
         return sorted(set(found), key=len, reverse=True)
 
 
@@ -309,65 +310,6 @@ def load_settings(
     return Settings(**values, sources=sources)
 
 
-def url_secrets(url: str | None) -> list[str]:
-    """Every form of the password inside ``url`` that an error message might quote.
-
-    URL parsers disagree on a password holding an unencoded ``@`` or ``/`` (urllib
-    splits at the last ``@``, libpq at the first), so every reading is returned,
-    encoded and decoded, with its fragments, longest first so that :func:`scrub`
-    removes a whole password before any part of it.
-    """
-    if not url:
-        return []
-    found: list[str] = []
-    if "://" in url:
-        authority = url.split("://", 1)[1]
-        for userinfo in (authority.rpartition("@")[0], authority.partition("@")[0]):
-            if "@" in authority and ":" in userinfo:
-                found.append(userinfo.split(":", 1)[1])
-        found += re.findall(r"[?&]password=([^&]*)", url)
-    else:
-        found += [m.strip("'") for m in _KV_PASSWORD.findall(url)]
-    pieces = set()
-    for secret in found:
-        for form in (secret, urllib.parse.unquote(secret)):
-            pieces.add(form)
-            pieces.update(re.split(r"[@/:?#\s]", form))
-    return sorted((p for p in pieces if len(p) >= 3), key=len, reverse=True)
-
-
-# The value after password=, up to the next key= (libpq would choke on a space inside,
-# and quote the rest in its error message).
-_KV_PASSWORD = re.compile(r"(?:^|\s)password\s*=\s*('(?:[^'\\]|\\.)*'|.*?)(?=\s+\w+\s*=|\s*$)")
-
-
-def redact_url(url: str) -> str:
-    """The URL with its password replaced by ``***`` (URL or key=value form)."""
-    if "://" in url:
-        try:
-            parts = urllib.parse.urlsplit(url)
-        except ValueError:
-            return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
-        netloc = parts.netloc
-        if parts.password is not None:
-            userinfo, _, hostport = netloc.rpartition("@")
-            user = userinfo.split(":", 1)[0]
-            netloc = f"{user}:***@{hostport}"
-        query = re.sub(r"(?i)(password=)[^&]*", r"\1***", parts.query)
-        return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
-    return re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", url)
-
-
-def redact_secret_url(url: str) -> str:
-    """Scheme and host only, for a URL that is itself a credential (the ping URL)."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        port = f":{parts.port}" if parts.port else ""
-    except ValueError:
-        return "***"
-    return f"{parts.scheme}://{parts.hostname or ''}{port}/***"
-
-
 def shown_value(field_name: str, value: object) -> object:
     """A setting's value as `availability-cron config` prints it: secrets redacted."""
     if value is None or not isinstance(value, str):
@@ -405,11 +347,3 @@ def parse_duration(name: str, raw: str) -> timedelta:
             f"10m, 2h or 1d, got {raw!r}"
         )
     return timedelta(**{_DURATION_UNITS[match[2]]: int(match[1])})
-
-
-def scrub(text: str, secrets: list[str]) -> str:
-    """Replace every occurrence of each secret in ``text`` by ``***``."""
-    for secret in secrets:
-        if secret and len(secret) >= 3:
-            text = text.replace(secret, "***")
-    return text

@@ -158,7 +158,7 @@ def make_runtime(url: str) -> refresh.Runtime:
 
     def connect(purpose: str) -> db.Connection:
         return db.connect(url, application_name=f"availability-cron {purpose} run={run_id} bench",
-                          secrets=[])
+                          secrets=[], own_session=purpose in ("lock", "work"))
 
     return refresh.Runtime(
         run_id=run_id,

@@ -188,8 +188,10 @@ def make_runtime(
     rid = run_id or uuid.uuid4().hex[:12]
 
     def connect(purpose: str) -> db.Connection:
+        # One URL for the lock and the work, as in a run without a lock URL (cli._runtime).
         return db.connect(database_url, application_name=f"availability-cron {purpose} "
-                          f"run={rid} test", secrets=[])
+                          f"run={rid} test", secrets=[],
+                          own_session=purpose in ("lock", "work"))
 
     env = dict(environ or {})
     return Runtime(
@@ -243,7 +245,10 @@ def run_cli(
 
 
 def wait_for_backend(conn: psycopg.Connection[Any], purpose: str, timeout: float = 10) -> int:
-    """The backend pid of a run's connection for ``purpose`` ("lock", "work"), once it exists."""
+    """The backend pid of a run's connection for ``purpose`` ("lock", "work"), once it exists.
+
+    Only in ``conn``'s database: other suites may be running on the same server.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         row = conn.execute(

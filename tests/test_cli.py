@@ -201,6 +201,54 @@ def test_a_malformed_database_url_never_prints_its_password():
     assert PASSWORD not in result.stderr
 
 
+#: URLs libpq refuses to parse, each with the password pieces its own error message would quote.
+UNPARSABLE_URLS = {
+    "bad escape under an encoded key": (
+        "postgresql://user@127.0.0.1:1/db?pass%77ord=s3cr%zz-et9", ["s3cr", "zz-et9"]),
+    "bad escape in the userinfo": ("postgresql://user:pa%zz-ss8@127.0.0.1:1/db", ["zz-ss8"]),
+    "unterminated IPv6 host": ("postgresql://user:hunter-77@[::1/db", ["hunter-77"]),
+    "key=value with a space": ("host=127.0.0.1 port=1 password=pw-one pw-two", ["pw-two"]),
+}
+
+
+@pytest.mark.parametrize("command", [("refresh",), ("config",), ("metrics",)])
+@pytest.mark.parametrize("case", list(UNPARSABLE_URLS))
+def test_a_url_libpq_cannot_parse_is_one_exit_2_line_that_quotes_no_part_of_the_password(
+    command, case
+):
+    url, pieces = UNPARSABLE_URLS[case]
+
+    result = run_cli(*command, env=clean_env(DATABASE_URL=url))
+
+    assert_usage_error_naming(result, "DATABASE_URL")
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    for piece in pieces:
+        assert piece not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql://user:1234/ss-pw6@127.0.0.1:1/db",  # libpq: host user, port 1234
+    "postgresql://localhost?password=pw-7@127.0.0.1:1/db",  # user localhost?password=pw-7
+])
+def test_a_url_libpq_would_misread_is_exit_2_before_any_connection_without_its_password(url):
+    result = run_cli("refresh", env=clean_env(DATABASE_URL=url))
+
+    assert_usage_error_naming(result, "DATABASE_URL", "percent-encode")
+    for piece in ("1234", "ss-pw6", "pw-7"):
+        assert piece not in result.stderr
+
+
+def test_an_unparsable_lock_url_is_named_in_its_exit_2_line_without_its_password():
+    env = clean_env(DATABASE_URL=CLOSED_PORT_URL,
+                    AVAILABILITY_CRON_LOCK_DATABASE_URL="postgresql://db/x?pass%77ord=lk%zz-pw5")
+
+    result = run_cli("refresh", env=env)
+
+    assert_usage_error_naming(result, "AVAILABILITY_CRON_LOCK_DATABASE_URL")
+    assert "lk%zz" not in result.stderr
+    assert "zz-pw5" not in result.stderr
+
+
 # --- real failures: exit 1 ----------------------------------------------------------------------
 
 

@@ -23,13 +23,14 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 import test_lock
-from helpers import add_workspace, cache_row, clean_env, run_cli
+from helpers import add_cache, add_workspace, cache_row, clean_env, run_cli, run_rows
 from test_lock import SLOW_CONFIG, finish, slow_run_env, wait_for_holder
 
 from availability_cron import lock, queries
@@ -83,14 +84,15 @@ def pooler(server_url: str) -> Iterator[StartPooler]:
     host = str(server.get("host") or "127.0.0.1")
     started: list[tuple[subprocess.Popen[bytes], Path]] = []
 
-    def start(mode: str, pool_size: int = 5) -> Pooler:
+    def start(mode: str, pool_size: int = 5, password: str | None = None) -> Pooler:
+        """With ``password``, clients must give it (md5); else any client is let in."""
         port = _free_port()
         workdir = Path(tempfile.mkdtemp(prefix=f"avc-pgbouncer-{mode}-"))
         user = str(server.get("user") or "postgres")
         target = f"host={host} port={server.get('port') or 5432} user={user}"
         if server.get("password"):
             target += f" password={server['password']}"
-        (workdir / "users.txt").write_text(f'"{user}" ""\n')
+        (workdir / "users.txt").write_text(f'"{user}" "{password or ""}"\n')
         (workdir / "pgbouncer.ini").write_text(
             "[databases]\n"
             f"* = {target}\n"
@@ -98,7 +100,7 @@ def pooler(server_url: str) -> Iterator[StartPooler]:
             "listen_addr = 127.0.0.1\n"
             f"listen_port = {port}\n"
             "unix_socket_dir =\n"
-            "auth_type = trust\n"
+            f"auth_type = {'md5' if password else 'trust'}\n"
             f"auth_file = {workdir / 'users.txt'}\n"
             f"pool_mode = {mode}\n"
             f"default_pool_size = {pool_size}\n"
@@ -280,3 +282,110 @@ def test_with_a_lock_url_that_keeps_a_session_one_run_refreshes_and_the_other_sk
     row = cache_row(conn, "ws-slow")
     assert row is not None and row["refreshed_at"] is not None
     assert lock.find_holder(conn, REFRESH_KEY) is None
+
+
+# --- no session state on the pool's server sessions ---------------------------------------------
+
+#: What a run could leave behind on a server session, for the next client of the pool to inherit.
+SESSION_SETTINGS = ["statement_timeout", "lock_timeout", "idle_session_timeout",
+                    "idle_in_transaction_session_timeout", "tcp_keepalives_idle",
+                    "tcp_keepalives_interval", "tcp_keepalives_count"]
+
+
+def session_settings(conn: psycopg.Connection[Any]) -> dict[str, str]:
+    """These settings as the server session answering this one statement has them."""
+    rows = conn.execute("SELECT name, current_setting(name) FROM unnest(%s::text[]) AS name",
+                        (SESSION_SETTINGS,)).fetchall()
+    return dict(rows)
+
+
+def backend_pid(conn: psycopg.Connection[Any]) -> int:
+    row = conn.execute("SELECT pg_backend_pid()").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_a_run_leaves_the_transaction_pools_server_session_as_it_found_it(
+    database_url, conn, pooler
+):
+    if conn.info.server_version >= 140000:
+        # A database default the run must not override for the app: it shows a stray
+        # `SET idle_session_timeout = 0`.
+        conn.execute(psycopg.sql.SQL("ALTER DATABASE {} SET idle_session_timeout = '10min'")
+                     .format(psycopg.sql.Identifier(conn.info.dbname)))
+    add_workspace(conn, "ws-1")
+    add_workspace(conn, "ws-2")
+    # One server session behind the pool: every statement of the run's work and history
+    # connections runs on it, and so does every statement of the app afterwards.
+    tx = pooler("transaction", pool_size=1)
+    with pooled(tx.url(database_url)) as app:
+        session, before = backend_pid(app), session_settings(app)
+    with psycopg.connect(database_url) as direct:  # the pool's session starts at the defaults
+        assert before == session_settings(direct)
+
+    result = run_cli("refresh", env=clean_env(DATABASE_URL=tx.url(database_url),
+                                              AVAILABILITY_CRON_LOCK_DATABASE_URL=database_url))
+
+    assert result.returncode == 0, result.stderr
+    assert result.json()["refreshed"] == 2
+    assert len(run_rows(conn)) == 1  # the history was written through the pool too
+    with pooled(tx.url(database_url)) as app:
+        assert backend_pid(app) == session  # the very session the run used
+        assert session_settings(app) == before
+        app.execute("SELECT pg_sleep(1)")  # an app query of 1 s is not cancelled
+
+
+def test_a_pooled_run_survives_a_server_idle_session_timeout_shorter_than_its_calls(
+    database_url, conn, server_url, pooler
+):
+    # The work connection sets no idle_session_timeout of its own through a pooler: the
+    # server ends the pool's idle session mid-run, and the pooler hands the next write a new one.
+    if conn.info.server_version < 140000:
+        pytest.skip("idle_session_timeout needs PostgreSQL 14")
+    with psycopg.connect(server_url, autocommit=True) as admin:
+        admin.execute(psycopg.sql.SQL("ALTER DATABASE {} SET idle_session_timeout = '1s'").format(
+            psycopg.sql.Identifier(conn.info.dbname)))
+    add_workspace(conn, "ws-slow", config={"latency_ms": 2500})
+    tx = pooler("transaction", pool_size=1)
+
+    result = run_cli("refresh", env=slow_run_env(
+        tx.url(database_url), AVAILABILITY_CRON_LOCK_DATABASE_URL=database_url))
+
+    assert result.returncode == 0, result.stderr
+    assert result.json()["refreshed"] == 1
+
+
+def test_a_pooled_run_is_still_bounded_by_its_budget_when_the_app_holds_a_cache_row(
+    database_url, conn, pooler
+):
+    # The statement and lock timeouts live in the write transaction, which the pooler keeps
+    # on one server session: they bound the write as they do on a direct connection.
+    add_workspace(conn, "ws-1")
+    add_cache(conn, "ws-1", stale_at=datetime(2020, 1, 1, tzinfo=UTC))
+    tx = pooler("transaction")
+    with psycopg.connect(database_url) as blocker:  # an app transaction holding the row
+        blocker.execute("SELECT 1 FROM workspace_availability_cache WHERE workspace_id = 'ws-1'"
+                        " FOR UPDATE")
+        result = run_cli("refresh", env=clean_env(
+            DATABASE_URL=tx.url(database_url), AVAILABILITY_CRON_LOCK_DATABASE_URL=database_url,
+            AVAILABILITY_CRON_TIME_BUDGET_MS="2000", AVAILABILITY_CRON_DEADLINE_MARGIN_MS="500"))
+        blocker.rollback()
+
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert "time budget" in result.json()["error"]
+    assert lock.find_holder(conn, REFRESH_KEY) is None
+
+
+# --- errors from the server, through the pooler --------------------------------------------------
+
+
+def test_a_rejected_password_is_reported_readably_and_without_the_password(database_url, pooler):
+    # "word" is inside "password": only the whole password, standing alone, is the secret.
+    guarded = pooler("transaction", password="the-real-one")
+    url = psycopg.conninfo.make_conninfo(guarded.url(database_url), password="word")
+
+    result = run_cli("db", "migrate", env=clean_env(DATABASE_URL=url))
+
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert "FATAL: password authentication failed" in result.stderr
+    assert "***" not in result.stderr

@@ -81,6 +81,15 @@ def test_the_database_url_password_is_a_secret():
     assert load(environ={"DATABASE_URL": "postgresql://app@db/app"}).secrets() == []
 
 
+def test_every_password_libpq_reads_is_a_secret_of_the_settings():
+    # The secrets feed the log filter, every error message and the stored errors.
+    s = load(environ={
+        "DATABASE_URL": "postgresql://app@db/app?pass%77ord=enc-key-pw",
+        "AVAILABILITY_CRON_LOCK_DATABASE_URL": "host=db sslpassword='ssl key pw' user=app",
+    })
+    assert s.secrets() == ["'ssl key pw'", "enc-key-pw", "ssl key pw"]
+
+
 def test_a_missing_database_url_is_reported_only_when_required():
     s = load()
     with pytest.raises(ConfigError, match="DATABASE_URL is not set"):

@@ -254,6 +254,57 @@ def test_config_redacts_the_urls_but_keeps_where_they_point():
 
 
 @pytest.mark.e2e
+@pytest.mark.parametrize("output", ["json", "table"])
+def test_config_hides_a_password_under_a_percent_encoded_key(output):
+    # libpq reads pass%77ord as password.
+    url = f"postgresql://user@127.0.0.1:1/db?pass%77ord={DB_PASSWORD}"
+
+    result = run_cli("config", "--format", output, env=clean_env(DATABASE_URL=url,
+                                                                  COLUMNS="200"))
+
+    assert result.returncode == 0, result.stderr
+    assert_no_secret(result)
+    assert "postgresql://user@127.0.0.1:1/db?pass%77ord=***" in result.stdout
+
+
+#: Passwords that once corrupted `config`: each is a word of its output, or text in it.
+AWKWARD_PASSWORDS = {
+    "null": "postgresql://user:null@127.0.0.1:1/db",
+    "Str0ng:7500": "postgresql://user:Str0ng:7500@127.0.0.1:1/db",
+    "my source": "postgresql://user:my%20source@127.0.0.1:1/db",
+}
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("password", list(AWKWARD_PASSWORDS))
+def test_config_json_stays_intact_whatever_the_password(password, tmp_path):
+    result = run_cli("config", "--format", "json", cwd=tmp_path,
+                     env=clean_env(DATABASE_URL=AWKWARD_PASSWORDS[password]))
+
+    assert result.returncode == 0, result.stderr
+    report = result.json()  # valid JSON, and only one line of it
+    assert report["envFile"] is None
+    entries = config_entries(result)
+    assert entries["DATABASE_URL"]["value"] == "postgresql://user:***@127.0.0.1:1/db"
+    assert entries["AVAILABILITY_CRON_DEADLINE_MARGIN_MS"]["value"] == 7500
+    assert all(set(entry) == {"name", "flag", "value", "source"} for entry in entries.values())
+    assert report["lock"]["databaseUrl"] == "postgresql://user:***@127.0.0.1:1/db"
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("password", list(AWKWARD_PASSWORDS))
+def test_config_table_is_printed_whatever_the_password(password, tmp_path):
+    result = run_cli("config", "--format", "table", cwd=tmp_path,
+                     env=clean_env(DATABASE_URL=AWKWARD_PASSWORDS[password], COLUMNS="200"))
+
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert "postgresql://user:***@127.0.0.1:1/db" in result.stdout
+    assert "AVAILABILITY_CRON_DEADLINE_MARGIN_MS │ 7500" in result.stdout
+    assert "env file: -" in result.stdout
+
+
+@pytest.mark.e2e
 def test_config_with_a_bad_setting_exits_2_naming_it():
     result = run_cli("config", env=clean_env(AVAILABILITY_CRON_CONCURRENCY="lots"))
 
