@@ -257,17 +257,34 @@ def redact_secret_url(url: str) -> str:
 
 
 def scrub(text: str, secrets: list[str]) -> str:
-    """``text`` with each secret replaced by ``***``, longest first.
+    """``text`` with every place any secret covers replaced by ``***``.
 
     A secret of fewer than WHOLE_WORD_BELOW characters is replaced only where it stands
     as a whole word (not inside a longer run of letters, digits and ``_``), so that a
     password ``word`` leaves "password authentication failed" readable; secrets shorter
     than MIN_SCRUBBED are left alone.
     """
-    for secret in sorted(set(secrets), key=len, reverse=True):
-        if len(secret) >= MIN_SCRUBBED:
-            text = _pattern(secret).sub(MASK, text)
-    return text
+    # Every match of every secret is found in the original text and the union of those
+    # spans masked: replacing one secret after another would let a longer (tenant-chosen)
+    # string that overlaps an operator secret mask only part of it.
+    spans = sorted(
+        match.span()
+        for secret in set(secrets) if len(secret) >= MIN_SCRUBBED
+        for match in _pattern(secret).finditer(text)
+    )
+    if not spans:
+        return text
+    out: list[str] = []
+    position = 0
+    for start, end in spans:
+        if end <= position:
+            continue
+        if start > position:
+            out += [text[position:start], MASK]
+        elif not out:
+            out.append(MASK)
+        position = max(position, end)
+    return "".join(out) + text[position:]
 
 
 @functools.lru_cache(maxsize=1024)

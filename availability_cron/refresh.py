@@ -35,6 +35,7 @@ from .errors import AvailabilityCronError, ConfigError, ConnectionLost
 from .providers import (
     FetchRequest,
     PermanentProviderError,
+    Provider,
     ProviderRegistry,
     RetryableProviderError,
 )
@@ -264,11 +265,15 @@ _SECRET_KEY = re.compile(
     r"|credential|cookie|signature|private)", re.I)
 
 
-def config_secrets(config: Any, environ: Mapping[str, str]) -> list[str]:
+def config_secrets(config: Any, environ: Mapping[str, str], *,
+                   readable: Callable[[str], bool] | None = None) -> list[str]:
     """Values in a provider_config that must never be printed or stored.
 
     Any string under a key that looks secret (token, secret, password, api_key, ...),
-    and the environment value of any ``*_env`` key (e.g. ``token_env``).
+    and the environment value of any ``*_env`` key (e.g. ``token_env``) whose variable
+    ``readable`` allows (all, when not given). The refresh job allows only the variables
+    scoped to the workspace: were any variable's value scrubbed from a stored error, a
+    tenant whose server echoes guesses could tell from the ``***`` which guess was right.
     """
     found: list[str] = []
 
@@ -280,8 +285,10 @@ def config_secrets(config: Any, environ: Mapping[str, str]) -> list[str]:
             for v in value:
                 visit(v, key)
         elif isinstance(value, str):
-            if key.endswith("_env") and environ.get(value.strip()):
-                found.append(environ[value.strip()])
+            if key.endswith("_env"):
+                name = value.strip()
+                if environ.get(name) and (readable is None or readable(name)):
+                    found.append(environ[name])
             elif _SECRET_KEY.search(key):
                 found.append(value)
 
@@ -399,11 +406,14 @@ def call_provider(item: PlannedRefresh, ctx: CallContext) -> Outcome:
     started = ctx.clock()
     window_start = started.astimezone(UTC).replace(second=0, microsecond=0)
     window_end = window_start + ctx.lookahead
-    secrets = ctx.secrets + config_secrets(item.provider_config, ctx.environ)
+    provider_context = ctx.registry.context
+    scopes = provider_context.secret_scopes
+    secrets = ctx.secrets + config_secrets(
+        item.provider_config, ctx.environ,
+        readable=lambda name: scopes.allows(name, item.workspace_id))
     slots: tuple[str, ...] | None = None
     error: str | None = None
     retry_after: float | None = None
-    provider_context = ctx.registry.context
     # Every secret the provider resolves, and every request it sends, is checked against
     # the operator's scopes for *this* workspace (providers.scopes).
     call = Call(item.workspace_id, provider_context.secret_scopes,
@@ -415,8 +425,11 @@ def call_provider(item: PlannedRefresh, ctx: CallContext) -> Outcome:
             raise PermanentProviderError(
                 f"provider_config must be a JSON object, got {type(item.provider_config).__name__}"
             )
+        # Loaded (once per run) outside the call: a provider's constructor must not run
+        # as this workspace's and resolve secrets for the rest of the run.
+        provider = ctx.registry.get(item.provider)
         with calling(call):
-            slots = _fetch(ctx, item, window_start, window_end)
+            slots = _fetch(provider, ctx, item, window_start, window_end)
     except RetryableProviderError as exc:
         error, retry_after = short_error("retryable", exc, secrets), exc.retry_after
     except PermanentProviderError as exc:
@@ -427,9 +440,8 @@ def call_provider(item: PlannedRefresh, ctx: CallContext) -> Outcome:
     return Outcome(item, started, ctx.clock(), window_start, window_end, slots, error, retry_after)
 
 
-def _fetch(ctx: CallContext, item: PlannedRefresh, window_start: datetime,
+def _fetch(provider: Provider, ctx: CallContext, item: PlannedRefresh, window_start: datetime,
            window_end: datetime) -> tuple[str, ...]:
-    provider = ctx.registry.get(item.provider)
     provider.validate_config(item.provider_config)
     request = FetchRequest(
         workspace_id=item.workspace_id,

@@ -237,7 +237,7 @@ class Settings:
         path (:func:`redact.ping_url_secrets`)."""
         found = (url_secrets(self.database_url) + url_secrets(self.lock_database_url)
                  + ping_url_secrets(self.ping_url))
-        return sorted(set(found), key=len, reverse=True)
+        return sorted(set(found), key=lambda s: (-len(s), s))  # longest first, then stable
 
 
 def read_env_file(path: Path | None, cwd: Path) -> dict[str, str]:

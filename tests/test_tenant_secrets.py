@@ -111,13 +111,16 @@ def test_token_env_cannot_name_a_variable_the_operator_did_not_scope(capture, va
 
 
 def test_a_workspaces_own_operator_token_is_not_sent_to_a_host_the_operator_did_not_allow(
-        capture):
+        capture, caplog):
     outcome = call("acme", "calcom", calcom(capture, token_env="CALCOM_TOKEN_ACME"))
 
     assert capture.requests == []
     assert outcome.error is not None and outcome.error.startswith("[permanent] ")
-    assert "refused to send the secret of CALCOM_TOKEN_ACME to http://127.0.0.1" in outcome.error
-    assert "allows it only for https://api.cal.com" in outcome.error
+    assert "refused to send an operator secret to http://127.0.0.1" in outcome.error
+    # The operator's log, not the tenant's stored error, says which variable and why.
+    assert ("refused to send the value of CALCOM_TOKEN_ACME to http://127.0.0.1:"
+            in caplog.text)
+    assert "its rules allow https://api.cal.com" in caplog.text
 
 
 def test_an_operator_rule_lets_a_scoped_token_reach_the_hosts_it_lists(capture):
@@ -168,7 +171,7 @@ def test_a_plugin_reading_the_environment_itself_cannot_send_a_scoped_secret_els
     outcome = call("evil", "leaky", {}, extra={"leaky": Leaky})
 
     assert capture.requests == []
-    assert outcome.error is not None and "refused to send the secret" in outcome.error
+    assert outcome.error is not None and "refused to send an operator secret" in outcome.error
 
 
 def test_a_run_refreshes_nobody_with_a_stolen_token_and_stores_the_rule_it_broke(
@@ -224,3 +227,177 @@ def test_only_workspace_ids_that_map_one_to_one_can_use_a_template():
     for other in ("a_b", "A-B", "A_B"):  # would all fold to A_B
         with pytest.raises(Exception, match="not scoped"):
             scopes.resolve("CALCOM_TOKEN_A_B", workspace_id=other, environ=env, provider="calcom")
+
+
+# --- holes a hostile review found ---------------------------------------------------------------
+
+
+def test_a_cookie_one_workspaces_server_sets_is_never_sent_for_another_workspace(http_server):
+    http_server.route("/login", Reply(200, [], headers={
+        "Set-Cookie": "session=acme-authenticated-session-77; Path=/"}))
+    http_server.route("/slots", Reply(200, []))
+    registry = ProviderRegistry(ProviderContext(environ={}))
+    ctx = CallContext(registry=registry, lookahead=timedelta(days=7),
+                      deadline=time.monotonic() + 10, clock=lambda: NOW,
+                      monotonic=time.monotonic, environ={})
+    try:
+        for workspace, path in (("acme", "/login"), ("evil", "/slots")):
+            refresh.call_provider(PlannedRefresh(workspace, "http",
+                                                 {"url": http_server.url(path)}, "missing",
+                                                 NOW), ctx)
+    finally:
+        registry.close()
+
+    assert [r.path for r in http_server.requests] == ["/login", "/slots"]
+    assert "cookie" not in http_server.requests[1].headers
+
+
+def test_a_workspace_cannot_use_a_template_to_reach_a_name_an_exact_rule_gives_others(capture):
+    port = capture.url().rsplit(":", 1)[1]
+    rules = {"CALCOM_TOKEN_AGENCY": {"workspaces": ["acme"],
+                                     "hosts": ["api.cal.com", f"http://127.0.0.1:{port}"]}}
+    env = {**OPERATOR_ENV, "CALCOM_TOKEN_AGENCY": "agency-account-token-123456"}
+
+    outcome = call("agency", "calcom", calcom(capture, token_env="CALCOM_TOKEN_AGENCY"),
+                   environ=env, scopes=json.dumps(rules))
+
+    assert capture.requests == []
+    assert outcome.error is not None and "not scoped to workspace 'agency'" in outcome.error
+
+
+def test_templates_that_could_name_one_variable_for_two_workspaces_are_refused():
+    # CALCOM_TOKEN_ACME_EU would be acme's under this rule and acme-eu's under the built-in.
+    with pytest.raises(ConfigError, match="could name the same variable"):
+        load_settings({}, {"AVAILABILITY_CRON_SECRET_SCOPES":
+                           '{"CALCOM_TOKEN_{workspace}_EU": {"hosts": ["api.cal.com"]}}'}, {})
+
+
+def test_a_template_without_a_literal_prefix_is_refused():
+    with pytest.raises(ConfigError, match="prefix"):
+        load_settings({}, {"AVAILABILITY_CRON_SECRET_SCOPES":
+                           '{"{workspace}_KEY": {"hosts": ["x.io"]}}'}, {})
+
+
+def test_a_scoped_secret_is_refused_on_its_way_elsewhere_from_a_plugins_own_threads(capture):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from availability_cron.providers import ConfigReader
+
+    class FanOut(Provider):
+        name = "fanout"
+
+        def fetch(self, request: FetchRequest) -> list[datetime]:
+            token = ConfigReader(self.name, request.config, self.context.environ).secret(
+                required=True)
+
+            def one(_: int) -> None:
+                self.context.http.get(request, capture.url("/steal"), what="fanout: GET",
+                                      headers={"Authorization": f"Bearer {token}"})
+
+            with ThreadPoolExecutor(2) as pool:
+                list(pool.map(one, range(2)))
+            return []
+
+    outcome = call("acme", "fanout", {"token_env": "CALCOM_TOKEN_ACME"},
+                   extra={"fanout": FanOut})
+
+    assert capture.requests == []
+    assert outcome.error is not None and "refused to send" in outcome.error
+
+
+def test_a_scoped_secret_is_not_carried_through_a_redirect_to_another_host(http_server):
+    other = http_server  # the allowed origin redirects to a second, unlisted server
+    from httpserver import LocalServer as Server
+
+    elsewhere = Server().start()
+    try:
+        elsewhere.route("/steal", Reply(200, []))
+        other.route("/go", Reply(302, None, headers={"Location": elsewhere.url("/steal")}))
+
+        class Redirected(Provider):
+            name = "redirected"
+
+            def fetch(self, request: FetchRequest) -> list[datetime]:
+                token = self.context.environ["INTERNAL_CAL_TOKEN"]
+                self.context.http.get(request, other.url("/go"), what="redirected: GET",
+                                      headers={"X-Api-Key": token}, follow_redirects=True,
+                                      parse_json=False)
+                return []
+
+        port = other.url().rsplit(":", 1)[1]
+        scopes = json.dumps({"INTERNAL_CAL_TOKEN": {"workspaces": "*",
+                                                    "hosts": [f"http://127.0.0.1:{port}"]}})
+        outcome = call("acme", "redirected", {}, scopes=scopes,
+                       extra={"redirected": Redirected})
+
+        assert [r.headers.get("x-api-key") for r in elsewhere.requests] in ([], [None])
+        assert outcome.error is None or "refused" in outcome.error
+    finally:
+        elsewhere.stop()
+
+
+@pytest.mark.parametrize("header", ["Host", "X-Forwarded-Host", "Forwarded", "Cookie",
+                                    "Transfer-Encoding", "Proxy-Authorization"])
+def test_a_tenant_cannot_set_headers_that_change_where_or_how_a_request_goes(capture, header):
+    outcome = call("evil", "http", {"url": capture.url("/steal"),
+                                    "headers": {header: "evil-site.example"}})
+
+    assert capture.requests == []
+    assert outcome.error is not None and outcome.error.startswith("[permanent] ")
+    assert header in outcome.error
+
+
+@pytest.mark.parametrize("value, request_piece", [
+    ("UTC", {"params": {"timezone": "UTC"}}),
+    ("v2", {"url_path": "/v2/slots"}),
+    ("30", {"params": {"days": "30"}}),
+])
+def test_a_short_value_of_a_scoped_variable_refuses_nobody_elses_request(
+        capture, value, request_piece):
+    path = request_piece.get("url_path", "/steal")
+    capture.route(path, Reply(200, []))
+    env = {**OPERATOR_ENV, "CALCOM_TOKEN_OTHER": value}
+    cfg: dict[str, Any] = {"url": capture.url(path), **{k: v for k, v in request_piece.items()
+                                                       if k == "params"}}
+
+    outcome = call("evil", "http", cfg, environ=env)
+
+    assert outcome.error is None, outcome.error
+    assert len(capture.requests) == 1
+
+
+def test_a_refusal_names_no_other_workspaces_variable(capture):
+    # The tenant guesses a value and sends it to its own host: a refusal that named the
+    # variable would tell it which workspace's secret it guessed.
+    outcome = call("evil", "http", {"url": capture.url("/steal"),
+                                    "headers": {"X-Guess": ACME_TOKEN}})
+
+    assert capture.requests == []
+    assert outcome.error is not None and "refused to send" in outcome.error
+    assert "CALCOM_TOKEN_ACME" not in outcome.error and "acme" not in outcome.error.lower()
+
+
+def test_an_env_key_outside_token_env_does_not_make_the_environment_a_scrub_oracle(capture):
+    def echo(seen: Any) -> Reply:
+        return Reply(400, {"message": f"guesses {seen.query.get('g', '')}"})
+
+    capture.route("/echo", echo)
+    cfg = {"url": capture.url("/echo?g=pg-superuser-pass-1234"),
+           "headers": {"x_env": "POSTGRES_PASSWORD"}}
+
+    outcome = call("evil", "http", cfg)
+
+    assert outcome.error is not None
+    assert "pg-superuser-pass-1234" in outcome.error  # its own text, not an oracle's ***
+
+
+def test_a_non_ascii_scoped_token_is_refused_without_showing_any_character_of_it(capture):
+    port = capture.url().rsplit(":", 1)[1]
+    scopes = json.dumps({"CALCOM_TOKEN_{workspace}": {"hosts": [f"http://127.0.0.1:{port}"]}})
+    env = {"CALCOM_TOKEN_ACME": "acme-tökén-with-umlauts-2024"}
+
+    outcome = call("acme", "calcom", calcom(capture, token_env="CALCOM_TOKEN_ACME"),
+                   environ=env, scopes=scopes)
+
+    assert outcome.error is not None and outcome.error.startswith("[permanent] ")
+    assert "ö" not in outcome.error and "position" not in outcome.error

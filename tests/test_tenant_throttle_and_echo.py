@@ -160,3 +160,54 @@ def test_a_secret_with_white_space_in_it_is_scrubbed_before_the_message_is_folde
     stored = refresh.short_error("permanent", Exception(f"bad key {secret}!"), [secret])
 
     assert stored == "[permanent] bad key ***!"
+
+
+def test_tokenless_workspaces_never_share_a_gate_even_with_one_url_template(http_server):
+    http_server.route("/hostile/free", Reply(429, {}, headers={"Retry-After": "99999999"}))
+    http_server.route("/victim/free", Reply(200, []))
+    cfg = {"url": http_server.url("/{workspace_id}/free")}
+    registry = ProviderRegistry(ProviderContext(environ={}))
+    ctx = CallContext(registry=registry, lookahead=timedelta(days=7),
+                      deadline=time.monotonic() + 10, clock=lambda: NOW,
+                      monotonic=time.monotonic, environ={})
+    try:
+        refresh.call_provider(PlannedRefresh("hostile", "http", cfg, "missing", NOW), ctx)
+        victim = refresh.call_provider(PlannedRefresh("victim", "http", cfg, "missing", NOW), ctx)
+    finally:
+        registry.close()
+
+    assert victim.error is None, victim.error
+    assert [r.path for r in http_server.requests] == ["/hostile/free", "/victim/free"]
+
+
+@pytest.mark.parametrize("own", [
+    pytest.param({"X-Secret": "inh_"}, id="a-known-prefix-first"),
+    pytest.param({"X-Api-Key": "live_8f2c"}, id="a-known-suffix-first"),
+])
+def test_secrets_of_the_config_cannot_be_ordered_to_defeat_the_scrub(own):
+    secret = "inh_live_8f2c1d9e7a6b5c4d3e2f"
+    secrets = [*own.values(), secret]
+
+    stored = refresh.short_error("permanent", Exception(f"token {secret} refused"), secrets)
+
+    assert_nothing_of(secret, stored, piece=6)
+
+
+@pytest.mark.parametrize("echoed", ['ab"cd\\ef-secret-42', "abc\tdef-secret-42"])
+def test_a_slot_value_echoing_a_secret_with_quotes_or_tabs_is_not_quoted(http_server, echoed):
+    http_server.route("/slots", Reply(200, [echoed]))
+
+    outcome = call("http", {"url": http_server.url("/slots"), "headers": {"X-Token": echoed}})
+
+    assert outcome.error is not None
+    assert "secret-42" not in outcome.error
+
+
+def test_an_overlapping_longer_secret_cannot_shield_part_of_another_from_the_scrub():
+    operator = "inh_live_8f2c1d9e"
+    tenants_own = "8f2c1d9e-and-then-some-more-text"  # longer, so it was replaced first
+
+    stored = refresh.short_error("permanent", Exception(f"token inh_live_{tenants_own}"),
+                                 [operator, tenants_own])
+
+    assert_nothing_of(operator, stored, piece=6)

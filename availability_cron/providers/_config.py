@@ -18,6 +18,10 @@ from .base import PermanentProviderError
 from .scopes import SecretScopes, current_call
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+_RESERVED_HEADERS = frozenset({
+    "host", "forwarded", "via", "cookie", "connection", "keep-alive", "te", "trailer",
+    "upgrade", "content-length", "transfer-encoding", "expect",
+})
 
 
 class ConfigReader:
@@ -98,11 +102,25 @@ class ConfigReader:
         return value.rstrip("/")
 
     def headers(self, key: str) -> dict[str, str]:
+        """Extra request headers; never one that decides where or how a request travels.
+
+        ``Host`` and the forwarding headers would let a tenant route a request (and the
+        operator secret bound to its URL's host) to another virtual host behind a shared
+        front; the framing and connection headers would let it smuggle requests; cookies
+        and proxy credentials are the job's to manage, not a tenant's.
+        """
         value = self.config.get(key, {})
         if not isinstance(value, Mapping) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in value.items()
         ):
             raise self.error(key, "an object of string header names to string values")
+        for name in value:
+            lowered = name.lower()
+            if lowered in _RESERVED_HEADERS or lowered.startswith(("x-forwarded-", "proxy-")):
+                raise PermanentProviderError(
+                    f"{self.provider}: provider_config.{key} may not set {name}: the job "
+                    "decides where and how requests travel"
+                )
         return dict(value)
 
     def secret(self, *, required: bool, token_key: str = "token",

@@ -8,11 +8,14 @@ secret that the job's scrubbing, which matches whole values, would miss.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from .base import PermanentProviderError
+
+_PLAIN = re.compile(r"[ !#-\[\]-~]*")  # printable ASCII but the quote and the backslash
 
 
 def kind(value: Any) -> str:
@@ -35,7 +38,9 @@ def kind(value: Any) -> str:
 def shown(value: Any, quote: Callable[[str], str] = repr) -> str:
     """A value for a message: short strings quoted whole (by ``quote``), anything else
     described. Never a cut-off excerpt: it could hold part of an echoed secret."""
-    if isinstance(value, str) and len(value) <= 40:
+    # Only plain printable ASCII is quoted: quoting escapes a quote, a backslash or a tab,
+    # and an escaped secret no longer matches the scrubbing of whole secrets.
+    if isinstance(value, str) and len(value) <= 40 and _PLAIN.fullmatch(value):
         return quote(value)
     if isinstance(value, str):
         return f"a string of {len(value)} characters"

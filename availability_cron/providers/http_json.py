@@ -95,11 +95,7 @@ class HttpJsonProvider(Provider):
         try:
             body = self.context.http.get(
                 request, url, what=what, headers=headers,
-                # The template (not this workspace's URL) with the constant params: what
-                # the credential is, wherever it sits.
-                gate_key=credential_key("http", _with_params(settings.url_template,
-                                                             settings.params),
-                                        settings.token, headers=settings.headers),
+                gate_key=_gate_key(settings, url),
             )
             return _parse(body)
         except ProviderError as exc:
@@ -178,6 +174,22 @@ def _params(reader: ConfigReader) -> dict[str, str]:
     ):
         raise reader.error("params", "an object of parameter names to strings or integers")
     return {k: str(v) for k, v in value.items()}
+
+
+def _gate_key(settings: _Settings, url: str) -> str:
+    """The rate-limit gate's key: which workspaces share one throttle.
+
+    With a credential (a token or configured headers), the template with its constant
+    params, at this request's origin: workspaces sharing that credential on that server
+    share its throttle, whatever their ids. Without one, this very URL: nothing shows
+    that two tokenless workspaces are the same client, so they never share.
+    """
+    if settings.token is None and not settings.headers:
+        return credential_key("http", url)
+    template = urlsplit(_with_params(settings.url_template, settings.params))
+    origin = urlsplit(url)
+    keyed = urlunsplit(template._replace(scheme=origin.scheme, netloc=origin.netloc))
+    return credential_key("http", keyed, settings.token, headers=settings.headers)
 
 
 def _with_params(url: str, params: Mapping[str, str]) -> str:

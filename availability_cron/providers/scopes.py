@@ -35,6 +35,7 @@ plugin that uses ``ConfigReader`` is scoped without passing anything.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -43,6 +44,8 @@ from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from .base import PermanentProviderError
+
+log = logging.getLogger(__name__)
 
 #: The setting that adds rules.
 SCOPES_ENV = "AVAILABILITY_CRON_SECRET_SCOPES"
@@ -54,6 +57,8 @@ FORBIDDEN_ENV = re.compile(r"(?i)(^PG|DATABASE|^AVAILABILITY_CRON_|^AVAILABILITY
 _TEMPLATE_ID = re.compile(r"[a-z0-9-]{1,100}")
 _HOST = re.compile(r"(?:(https?)://)?([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::([0-9]{1,5}))?/?")
 _DEFAULT_PORTS = {"https": 443, "http": 80}
+#: Scoped values shorter than this are not guarded on their way out (no token is so short).
+MIN_GUARDED_CHARS = 8
 
 
 def template_key(workspace_id: str) -> str | None:
@@ -164,6 +169,11 @@ def parse_rules(text: str) -> tuple[ScopeRule, ...]:
                 or name.count(PLACEHOLDER) > 1):
             raise ValueError(f"{where}: not a variable name (A-Z, 0-9, _, at most one "
                              f"{PLACEHOLDER})")
+        if template and not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*_", name.partition(
+                PLACEHOLDER)[0]):
+            raise ValueError(f"{where}: a template needs a literal prefix ending in _ before "
+                             f"{PLACEHOLDER} (like HTTP_TOKEN_{PLACEHOLDER}), so it cannot "
+                             "name variables nobody meant for workspaces")
         if FORBIDDEN_ENV.search(name.replace(PLACEHOLDER, "X")):
             raise ValueError(f"{where}: the job's own settings and database credentials "
                              "(DATABASE_*, PG*, AVAILABILITY_CRON_*) cannot be scoped")
@@ -190,7 +200,25 @@ def parse_rules(text: str) -> tuple[ScopeRule, ...]:
             raise ValueError(f'{where}: "workspaces" must be a non-empty list of workspace ids '
                              'or "*"')
         rules.append(ScopeRule(name, allowed, destinations))
+    _refuse_overlaps(BUILTIN_RULES + tuple(rules))
     return tuple(rules)
+
+
+def _refuse_overlaps(rules: tuple[ScopeRule, ...]) -> None:
+    """Two templates that could produce one variable name would let one workspace name
+    another's (``X_{workspace}`` and ``X_{workspace}_EU``: ``X_ACME_EU`` is acme's under
+    one and acme-eu's under the other). An exact name a template could also produce is
+    decided by its exact rule alone (see SecretScopes.rules_for), so it needs no check."""
+    templates = sorted({r.name for r in rules if r.is_template})
+    for i, first in enumerate(templates):
+        p1, _, s1 = first.partition(PLACEHOLDER)
+        for second in templates[i + 1:]:
+            p2, _, s2 = second.partition(PLACEHOLDER)
+            if ((p1.startswith(p2) or p2.startswith(p1))
+                    and (s1.endswith(s2) or s2.endswith(s1))):
+                raise ValueError(f"rules {first!r} and {second!r} could name the same "
+                                 "variable for two workspaces; make their prefixes or "
+                                 "suffixes distinct")
 
 
 @dataclass(frozen=True)
@@ -202,6 +230,16 @@ class SecretScopes:
     @classmethod
     def from_setting(cls, text: str | None) -> SecretScopes:
         return cls(BUILTIN_RULES + (parse_rules(text) if text else ()))
+
+    def rules_for(self, env_name: str) -> list[ScopeRule]:
+        """The rules deciding ``env_name``: its exact rules when it has any (an exact name
+        the operator listed for some workspaces is theirs, whatever a template says),
+        else the templates that can produce it."""
+        exact = [r for r in self.rules if not r.is_template and r.name == env_name]
+        return exact or [r for r in self.rules if r.is_template and r.matches_name(env_name)]
+
+    def allows(self, env_name: str, workspace_id: str) -> bool:
+        return any(rule.allows(env_name, workspace_id) for rule in self.rules_for(env_name))
 
     def resolve(self, env_name: str, *, workspace_id: str, environ: Mapping[str, str],
                 provider: str, key: str = "token_env") -> str:
@@ -215,7 +253,7 @@ class SecretScopes:
                 f"{where} may not name the job's own settings or database credentials "
                 "(DATABASE_*, PG*, AVAILABILITY_CRON_*)"
             )
-        if not any(rule.allows(env_name, workspace_id) for rule in self.rules):
+        if not self.allows(env_name, workspace_id):
             own = sorted({n for rule in self.rules if (n := rule.name_for(workspace_id))})
             hint = (f"this workspace may name {', '.join(own)}, or" if own
                     else "this workspace id cannot use a {workspace} template, so")
@@ -235,14 +273,15 @@ class SecretScopes:
         """Every value a workspace could resolve under these rules, with where it may go."""
         allowed: dict[str, tuple[set[str], set[Destination]]] = {}
         for env_name, value in environ.items():
-            if not value.strip() or FORBIDDEN_ENV.search(env_name):
+            # A short value ("UTC", "v2", "30") is no credential, and guarding it would
+            # refuse unrelated requests that happen to carry the same word.
+            if len(value.strip()) < MIN_GUARDED_CHARS or FORBIDDEN_ENV.search(env_name):
                 continue
-            for rule in self.rules:
-                if rule.matches_name(env_name):
-                    for form in {value, value.strip()}:  # as set, and as a provider strips it
-                        names, places = allowed.setdefault(form, (set(), set()))
-                        names.add(env_name)
-                        places.update(rule.destinations)
+            for rule in self.rules_for(env_name):
+                for form in {value, value.strip()}:  # as set, and as a provider strips it
+                    names, places = allowed.setdefault(form, (set(), set()))
+                    names.add(env_name)
+                    places.update(rule.destinations)
         return Destinations({v: (tuple(sorted(n)), frozenset(p))
                              for v, (n, p) in allowed.items()})
 
@@ -279,11 +318,15 @@ class Destinations:
             names, places = found
             if target is None or target not in places:
                 shown = str(target) if target else "an address that cannot be read"
-                allowed = ", ".join(sorted(str(p) for p in places))
+                # The operator's log says which variable and where it may go; the stored
+                # error does not: a tenant probing with guessed values must not learn
+                # whose secret it matched.
+                log.warning("refused to send the value of %s to %s; its rules allow %s",
+                            " / ".join(names), shown,
+                            ", ".join(sorted(str(p) for p in places)))
                 raise PermanentProviderError(
-                    f"{what}: refused to send the secret of {' / '.join(names)} to {shown}; "
-                    f"the operator allows it only for {allowed} ({SCOPES_ENV}; see "
-                    "docs/security.md)"
+                    f"{what}: refused to send an operator secret to {shown}, which its "
+                    f"rules in {SCOPES_ENV} do not list (see docs/security.md)"
                 )
 
 
