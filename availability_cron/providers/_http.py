@@ -6,7 +6,9 @@ What every HTTP provider gets from :meth:`HttpSession.get`:
 - a timeout that is never longer than what is left of the run, and a total-time check
   while the body streams in (httpx's timeouts are per phase, so a server dripping one
   byte a second would otherwise outlive the run);
-- a body size cap (:data:`MAX_BODY_BYTES`), so a hostile server cannot exhaust memory;
+- a body size cap (:data:`MAX_BODY_BYTES`) on the bytes received and on the decoded body,
+  with gzip and deflate inflated step by step (``_body``), so a hostile server cannot
+  exhaust memory, not even with a compression bomb;
 - status codes mapped once: 429 and 5xx/408 and network errors are retryable, 401/403,
   404 and other 4xx are permanent;
 - at most :data:`ATTEMPTS` tries for transient failures (tenacity), never sleeping past
@@ -32,6 +34,8 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
 
+from ._body import ACCEPT_ENCODING, read_capped
+from ._body import MAX_BODY_BYTES as MAX_BODY_BYTES  # where the providers have always found it
 from ._shape import excerpt
 from .base import FetchRequest, PermanentProviderError, RetryableProviderError
 from .scopes import current_call
@@ -39,8 +43,6 @@ from .scopes import current_call
 if TYPE_CHECKING:
     import httpx
 
-#: Largest response body read, in bytes (a month of slots is a few hundred KiB at most).
-MAX_BODY_BYTES = 5 * 1024 * 1024
 #: Tries per request for transient failures (5xx, 408, timeouts, connection errors).
 ATTEMPTS = 3
 #: A retry is only made when at least this much time is left after the wait.
@@ -118,7 +120,8 @@ class HttpSession:
                 import httpx
 
                 self._client = httpx.Client(
-                    headers={"User-Agent": self.user_agent, "Accept": "application/json"},
+                    headers={"User-Agent": self.user_agent, "Accept": "application/json",
+                             "Accept-Encoding": ACCEPT_ENCODING},
                     follow_redirects=False,
                     limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
                 )
@@ -232,7 +235,7 @@ class HttpSession:
                 "GET", url, params=params, headers=headers, timeout=httpx.Timeout(left),
                 follow_redirects=follow_redirects,
             ) as response:
-                body = _read_capped(response, request, what)
+                body = read_capped(response, request, what)
                 status, response_headers = response.status_code, response.headers
         except httpx.TimeoutException:
             raise RetryableProviderError(f"{what}: timed out after {left:.1f}s") from None
@@ -282,26 +285,6 @@ class HttpSession:
         if 300 <= status < 400:
             raise PermanentProviderError(f"{what}: HTTP {status} redirect not followed")
         raise PermanentProviderError(f"{what}: HTTP {status}{excerpt}")
-
-
-def _read_capped(response: httpx.Response, request: FetchRequest, what: str) -> bytes:
-    declared = response.headers.get("Content-Length")
-    if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise PermanentProviderError(
-            f"{what}: response body of {int(declared)} bytes exceeds {MAX_BODY_BYTES}"
-        )
-    chunks: list[bytes] = []
-    size = 0
-    for chunk in response.iter_bytes():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise PermanentProviderError(
-                f"{what}: response body exceeds {MAX_BODY_BYTES} bytes"
-            )
-        chunks.append(chunk)
-        if request.time_left() <= 0:
-            raise RetryableProviderError(f"{what}: timed out while reading the response")
-    return b"".join(chunks)
 
 
 def _error_excerpt(body: bytes) -> str:

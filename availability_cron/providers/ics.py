@@ -41,8 +41,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import icalendar
 import recurring_ical_events  # type: ignore[import-untyped]  # ships no py.typed
 
+from ._body import MAX_BODY_BYTES
 from ._config import ConfigReader
-from ._http import MAX_BODY_BYTES
 from .base import FetchRequest, PermanentProviderError, Provider, RetryableProviderError
 
 #: The only directory ``path`` feeds may be read from; unset means no local files at all.
