@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, urljoin, urlsplit
 
 from ._body import ACCEPT_ENCODING, read_capped
 from ._body import MAX_BODY_BYTES as MAX_BODY_BYTES  # where the providers have always found it
@@ -41,6 +41,8 @@ from .base import FetchRequest, PermanentProviderError, RetryableProviderError
 from .scopes import current_call
 
 if TYPE_CHECKING:
+    import ssl
+
     import httpx
 
 #: Tries per request for transient failures (5xx, 408, timeouts, connection errors).
@@ -49,6 +51,12 @@ ATTEMPTS = 3
 MIN_SECONDS_FOR_RETRY = 1.0
 #: When a 429 names no delay, back off this long.
 DEFAULT_RATE_LIMIT_SECONDS = 60.0
+
+#: Redirect hops followed at most, when a provider follows them at all (ics feeds).
+MAX_REDIRECTS = 5
+#: The statuses followed as redirects (303 too: every request here is a GET).
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 #: Reads a provider's own rate-limit headers: seconds until the limit resets, if exhausted.
 RateLimitReader = Callable[["httpx.Headers", float], float | None]
@@ -106,9 +114,12 @@ class HttpSession:
     """The run's shared HTTP client and rate-limit gate. Thread-safe; close once."""
 
     def __init__(self, user_agent: str = "availability-cron",
-                 wall_clock: Callable[[], float] = time.time) -> None:
+                 wall_clock: Callable[[], float] = time.time,
+                 verify: ssl.SSLContext | None = None) -> None:
         self.user_agent = user_agent
         self.wall_clock = wall_clock
+        #: TLS verification: None is the system's default trust; tests pass their own CA.
+        self.verify = verify
         self._client: httpx.Client | None = None
         self._lock = threading.Lock()
         #: credential key -> wall-clock epoch until which it is rate limited
@@ -123,6 +134,7 @@ class HttpSession:
                     headers={"User-Agent": self.user_agent, "Accept": "application/json",
                              "Accept-Encoding": ACCEPT_ENCODING},
                     follow_redirects=False,
+                    verify=True if self.verify is None else self.verify,
                     limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
                 )
             return self._client
@@ -158,6 +170,7 @@ class HttpSession:
         what: str,
         params: Mapping[str, str] | None = None,
         headers: Mapping[str, str] | None = None,
+        accept: str | None = None,
         gate_key: str | None = None,
         rate_limit: RateLimitReader | None = None,
         follow_redirects: bool = False,
@@ -165,7 +178,10 @@ class HttpSession:
     ) -> Any:
         """GET ``url`` and return its JSON (or text, with ``parse_json=False``).
 
-        ``what`` names the call in messages ("calcom: GET /v2/slots"). Raises
+        ``what`` names the call in messages ("calcom: GET /v2/slots"). ``headers`` are
+        the configured ones (tokens, API keys): with ``follow_redirects`` they are sent
+        only while the redirects stay at ``url``'s origin (see :func:`redirect_hop`);
+        ``accept`` is the job's own Accept header, sent on every hop. Raises
         RetryableProviderError or PermanentProviderError; never anything else.
         """
         if gate_key is not None:
@@ -205,7 +221,7 @@ class HttpSession:
         for attempt in retrying:
             with attempt:
                 return self._get_once(request, url, what=what, params=params, headers=headers,
-                                      gate_key=gate_key, rate_limit=rate_limit,
+                                      accept=accept, gate_key=gate_key, rate_limit=rate_limit,
                                       follow_redirects=follow_redirects, parse_json=parse_json)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -217,6 +233,7 @@ class HttpSession:
         what: str,
         params: Mapping[str, str] | None,
         headers: Mapping[str, str] | None,
+        accept: str | None,
         gate_key: str | None,
         rate_limit: RateLimitReader | None,
         follow_redirects: bool,
@@ -225,22 +242,37 @@ class HttpSession:
         import httpx
 
         call = current_call()
-        if call is not None:  # before anything leaves: may a scoped secret go there?
-            call.destinations.check(url, headers, params, what=what)
+        own = {} if accept is None else {"Accept": accept}
+        hop_url: str = url
+        hop_headers: Mapping[str, str] = {**own, **(headers or {})}
         left = request.time_left()
-        if left <= 0.05:
-            raise RetryableProviderError(f"{what}: no time left in the run's budget")
         try:
-            with self.client().stream(
-                "GET", url, params=params, headers=headers, timeout=httpx.Timeout(left),
-                follow_redirects=follow_redirects,
-            ) as response:
-                body = read_capped(response, request, what)
-                status, response_headers = response.status_code, response.headers
+            # Redirects are followed here, not by httpx: httpx keeps every header but
+            # Authorization and Cookie on a hop to another host, and follows https->http.
+            # Each hop has what is left of the deadline and the same body bounds.
+            for hop in range(MAX_REDIRECTS + 1):
+                if call is not None:  # before anything leaves: may a scoped secret go there?
+                    call.destinations.check(hop_url, hop_headers, params if hop == 0 else None,
+                                            what=what)
+                left = request.time_left()
+                if left <= 0.05:
+                    raise RetryableProviderError(f"{what}: no time left in the run's budget")
+                with self.client().stream(
+                    "GET", hop_url, params=params if hop == 0 else None, headers=hop_headers,
+                    timeout=httpx.Timeout(left),
+                ) as response:
+                    if follow_redirects and response.status_code in REDIRECT_STATUSES:
+                        hop_url, hop_headers = redirect_hop(
+                            str(response.request.url), response.headers.get("Location"),
+                            hop_headers, own, what)
+                        continue
+                    body = read_capped(response, request, what)
+                    status, response_headers = response.status_code, response.headers
+                    break
+            else:
+                raise PermanentProviderError(f"{what}: more than {MAX_REDIRECTS} redirects")
         except httpx.TimeoutException:
             raise RetryableProviderError(f"{what}: timed out after {left:.1f}s") from None
-        except httpx.TooManyRedirects:
-            raise PermanentProviderError(f"{what}: too many redirects") from None
         except httpx.TransportError as exc:
             raise RetryableProviderError(
                 f"{what}: connection failed ({type(exc).__name__})"
@@ -285,6 +317,44 @@ class HttpSession:
         if 300 <= status < 400:
             raise PermanentProviderError(f"{what}: HTTP {status} redirect not followed")
         raise PermanentProviderError(f"{what}: HTTP {status}{excerpt}")
+
+
+def redirect_hop(current: str, location: str | None, headers: Mapping[str, str],
+                 own: Mapping[str, str], what: str) -> tuple[str, Mapping[str, str]]:
+    """Where a redirect from ``current`` leads, and the headers to send there.
+
+    ``headers`` are those sent to ``current``; ``own`` are the job's own (no secret in
+    them). A hop to another origin (scheme, host or port) carries only ``own``, and so
+    does every later hop, even one back to the first origin. Raises
+    PermanentProviderError, naming neither URL (feed URLs hold secrets), for a redirect
+    without a Location, to anything but an http(s) URL without credentials, or from
+    https to http.
+    """
+    if not location or not location.strip():
+        raise PermanentProviderError(f"{what}: a redirect without a Location header")
+    target = urljoin(current, location.strip())
+    parts = urlsplit(target)
+    if parts.scheme not in _DEFAULT_PORTS or not parts.hostname:
+        raise PermanentProviderError(f"{what}: redirected to a URL that is not http or https")
+    if parts.username is not None or parts.password is not None:
+        raise PermanentProviderError(f"{what}: redirected to a URL with credentials in it")
+    if urlsplit(current).scheme == "https" and parts.scheme == "http":
+        raise PermanentProviderError(
+            f"{what}: redirected from https to http; a feed is never fetched in clear text"
+        )
+    if _origin(current) != _origin(target):
+        headers = own
+    return target, headers
+
+
+def _origin(url: str) -> tuple[str, str, int]:
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1  # an invalid port is its own origin; the request then reports the URL
+    return (parts.scheme, (parts.hostname or "").lower(),
+            _DEFAULT_PORTS.get(parts.scheme, -1) if port is None else port)
 
 
 def _error_excerpt(body: bytes) -> str:

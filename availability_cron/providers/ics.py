@@ -53,6 +53,8 @@ MAX_OCCURRENCES = 50_000
 #: the window), at a few microseconds a step; past this many steps the feed is refused
 #: before any expansion, so one hostile RRULE cannot hold a worker (and the GIL) for minutes.
 MAX_RULE_STEPS = 500_000
+#: The Accept header of feed requests: the job's own, so it is sent on every redirect hop.
+FEED_ACCEPT = "text/calendar, text/plain;q=0.9, */*;q=0.5"
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 DEFAULT_HOURS: Mapping[str, Sequence[Sequence[str]]] = {
     day: (("09:00", "17:00"),) for day in DAYS[:5]
@@ -218,12 +220,14 @@ class IcsProvider(Provider):
         return free_slots(config, busy, request.window_start, request.window_end, not_before)
 
     def _download(self, request: FetchRequest, config: IcsConfig, url: str) -> str:
-        headers = {"Accept": "text/calendar, text/plain;q=0.9, */*;q=0.5", **config.headers}
+        headers = dict(config.headers)
         if config.token is not None:
             headers["Authorization"] = f"Bearer {config.token}"
+        # Redirects are followed (feeds move); the configured headers and the token go
+        # only to the feed's own origin, and never in clear text after https.
         text: str = self.context.http.get(
             request, url, what=f"ics: GET {feed_label(url)}", parse_json=False,
-            follow_redirects=True, headers=headers,
+            follow_redirects=True, headers=headers, accept=FEED_ACCEPT,
         )
         return text
 
