@@ -7,6 +7,7 @@ HttpSession trusts.
 
 from __future__ import annotations
 
+import json
 import ssl
 import time
 from collections.abc import Iterator, Mapping
@@ -15,11 +16,13 @@ from typing import Any
 
 import pytest
 import trustme
+from helpers import refreshing
 from httpserver import LocalServer, Reply
 
 from availability_cron.providers import FetchRequest, PermanentProviderError, ProviderContext
 from availability_cron.providers._http import MAX_REDIRECTS, HttpSession, redirect_hop
 from availability_cron.providers.ics import IcsProvider
+from availability_cron.providers.scopes import SecretScopes
 
 FEED = "\r\n".join(["BEGIN:VCALENDAR", "VERSION:2.0", "PRODID:-//t//t//EN", "END:VCALENDAR", ""])
 ENVIRON = {"ICS_TOKEN": "tok-s3cret"}
@@ -53,10 +56,15 @@ def other_server() -> Iterator[LocalServer]:
 
 
 @pytest.fixture
-def provider(ca: trustme.CA) -> Iterator[IcsProvider]:
+def provider(ca: trustme.CA, http_server, https_server) -> Iterator[IcsProvider]:
+    """The ics provider, trusting the test CA; the operator lets the token go to the two
+    first origins (http_server, https_server) only, never to other_server."""
     client_context = ssl.create_default_context()
     ca.configure_trust(client_context)
-    p = IcsProvider(ProviderContext(environ=ENVIRON, http=HttpSession(verify=client_context)))
+    scopes = SecretScopes.from_setting(json.dumps({"ICS_TOKEN": {
+        "workspaces": "*", "hosts": [http_server.base_url, https_server.base_url]}}))
+    p = IcsProvider(ProviderContext(environ=ENVIRON, http=HttpSession(verify=client_context),
+                                    secret_scopes=scopes))
     yield p
     p.context.http.close()
 
@@ -64,11 +72,12 @@ def provider(ca: trustme.CA) -> Iterator[IcsProvider]:
 def fetch(provider: IcsProvider, url: str) -> list[datetime]:
     config: Mapping[str, Any] = {"url": url, "timezone": "UTC", "token_env": "ICS_TOKEN",
                                  "headers": SECRET_HEADERS}
-    provider.validate_config(config)
-    start = datetime(2026, 10, 20, tzinfo=UTC)
-    request = FetchRequest("ws-1", config, start, start.replace(day=21),
-                           deadline=time.monotonic() + 10)
-    return list(provider.fetch(request))
+    with refreshing("ws-1", provider.context):
+        provider.validate_config(config)
+        start = datetime(2026, 10, 20, tzinfo=UTC)
+        request = FetchRequest("ws-1", config, start, start.replace(day=21),
+                               deadline=time.monotonic() + 10)
+        return list(provider.fetch(request))
 
 
 def redirect(to: str, status: int = 302) -> Reply:
