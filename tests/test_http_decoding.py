@@ -7,6 +7,7 @@ MAX_BODY_BYTES in memory, even within one network read.
 from __future__ import annotations
 
 import gzip
+import json
 import time
 import tracemalloc
 import zlib
@@ -18,7 +19,9 @@ from httpserver import Reply
 from availability_cron.providers import (
     FetchRequest,
     PermanentProviderError,
+    RetryableProviderError,
 )
+from availability_cron.providers._body import MAX_JSON_WEIGHT, json_weight
 from availability_cron.providers._http import MAX_BODY_BYTES, HttpSession
 
 
@@ -121,3 +124,69 @@ def test_a_truncated_gzip_body_is_a_permanent_error(http_server, session):
 
     with pytest.raises(PermanentProviderError, match="could not be decoded"):
         session.get(request(), url, what="t: GET /body")
+
+
+# --- what a JSON answer may build -------------------------------------------------------------
+
+
+def dense_json(size: int) -> bytes:
+    """``[{},{},...]`` of ``size`` bytes: json.loads builds ~25 bytes of objects per byte."""
+    return b"[" + b"{}," * ((size - 4) // 3) + b"{}]"
+
+
+def test_a_json_answer_that_would_build_too_much_is_refused_before_parsing(
+    http_server, session
+):
+    url = served(http_server, gzip.compress(dense_json(MAX_BODY_BYTES)), "gzip")
+    session.get(request(), served(http_server, b"[]", "identity", "/warm"), what="t")
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(PermanentProviderError, match="too large to parse") as info:
+            session.get(request(), url, what="t: GET /body")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    # The body and its count: json.loads would build ~130 MB.
+    assert peak < 3 * MAX_BODY_BYTES, f"peak {peak / 1e6:.1f} MB"
+    assert f"the limit is {MAX_JSON_WEIGHT / 1e6:.0f} MB" in str(info.value)
+
+
+def test_an_error_body_that_would_build_too_much_gives_no_excerpt(http_server, session):
+    http_server.route("/err", Reply(500, dense_json(MAX_BODY_BYTES)))
+    session.get(request(), served(http_server, b"[]", "identity", "/warm"), what="t")
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(RetryableProviderError, match="HTTP 500$"):
+            session.get(request(seconds=0.9), http_server.url("/err"), what="t")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert peak < 3 * MAX_BODY_BYTES, f"peak {peak / 1e6:.1f} MB"
+
+
+def test_an_answer_of_ten_thousand_slots_as_objects_is_parsed(http_server, session):
+    slots = [{"start": f"2026-12-01T09:{i % 60:02d}:00Z", "end": "2026-12-01T10:00:00Z",
+              "status": "available", "invitees_remaining": 1} for i in range(10_000)]
+    url = served(http_server, gzip.compress(json.dumps({"slots": slots}).encode()), "gzip")
+
+    assert len(session.get(request(), url, what="t")["slots"]) == 10_000
+
+
+def test_the_json_estimate_is_an_upper_bound_for_the_densest_shapes():
+    for body in (dense_json(1 << 20), b"[" + b"[]," * 300_000 + b"[]]",
+                 b"[" + b"1.5," * 250_000 + b"1]", b"[" + b'"ab",' * 200_000 + b'"a"]',
+                 b"[" + b'{"a":1},' * 130_000 + b"{}]",
+                 b"[" + b"".join(b'{"k%d":%d},' % (i, i) for i in range(80_000)) + b"{}]",
+                 b"[" + b"".join(b'{"k%d":"v%d"},' % (i, i) for i in range(60_000)) + b"{}]"):
+        tracemalloc.start()
+        try:
+            value = json.loads(body)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        del value
+        assert json_weight(body) >= peak, body[:10]

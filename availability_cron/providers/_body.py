@@ -13,8 +13,9 @@ other encoding is a permanent error that says so, never bytes passed on undecode
 
 from __future__ import annotations
 
+import json
 import zlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .base import FetchRequest, PermanentProviderError, RetryableProviderError
 
@@ -28,6 +29,17 @@ MAX_BODY_BYTES = 5 * 1024 * 1024
 ACCEPT_ENCODING = "gzip, deflate"
 #: Most bytes one decode step produces; the deadline is checked between steps.
 DECODE_STEP_BYTES = 1024 * 1024
+
+#: What json.loads may build from one answer, estimated by :func:`json_weight`: room for
+#: ~12,000 slots as objects of 4 fields (a month of half-hour slots, day and night, is
+#: 1,440). 5 MiB of ``[{},{},...]`` would build ~130 MB; capped here, one answer builds
+#: at most ~16 MB, so five workers' answers together stay under 100 MB.
+MAX_JSON_WEIGHT = 16_000_000
+#: Bytes json.loads builds at most per container or comma (measured on CPython 3.11:
+#: 29-160, the most for objects with distinct keys and values), and per byte of text
+#: (the decoded str and the string values).
+_JSON_VALUE_BYTES = 200
+_JSON_TEXT_BYTES = 2
 
 _GZIP = 16 + zlib.MAX_WBITS  # gzip header and trailer
 _ZLIB = zlib.MAX_WBITS  # RFC 9110 "deflate": the zlib format
@@ -160,3 +172,30 @@ def _undecodable(what: str, decoder: Decoder) -> PermanentProviderError:
         f"{what}: the {decoder.encoding} response body could not be decoded "
         "(corrupt or cut short)"
     )
+
+
+def json_weight(body: bytes) -> int:
+    """An upper bound on the bytes json.loads(body) builds, counted in a few milliseconds.
+
+    Every value is a container or sits in one: the first member of a container needs no
+    comma, every other one follows a comma, and an object member (key and value) costs
+    at most twice a list item. So ``{``, ``[`` and ``,`` bound the values (commas and
+    brackets inside strings count too: an over-estimate).
+    """
+    tokens = sum(body.count(token) for token in (b"{", b"[", b",")) + 1
+    return _JSON_VALUE_BYTES * tokens + _JSON_TEXT_BYTES * len(body)
+
+
+def load_json(body: bytes, what: str, status: int) -> Any:
+    """``body`` parsed; PermanentProviderError if it is not JSON or would build too much."""
+    weight = json_weight(body)
+    if weight > MAX_JSON_WEIGHT:
+        raise PermanentProviderError(
+            f"{what}: HTTP {status} but the JSON answer is too large to parse: an estimated "
+            f"{weight / 1e6:.0f} MB of objects; the limit is {MAX_JSON_WEIGHT / 1e6:.0f} MB"
+        )
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise PermanentProviderError(f"{what}: HTTP {status} but the body is not valid JSON"
+                                     ) from None

@@ -34,7 +34,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urljoin, urlsplit
 
-from ._body import ACCEPT_ENCODING, read_capped
+from ._body import ACCEPT_ENCODING, MAX_JSON_WEIGHT, json_weight, load_json, read_capped
 from ._body import MAX_BODY_BYTES as MAX_BODY_BYTES  # where the providers have always found it
 from ._shape import excerpt
 from .base import FetchRequest, PermanentProviderError, RetryableProviderError
@@ -287,12 +287,7 @@ class HttpSession:
                 self.block(gate_key, provider_reset)  # exhausted: spare the next calls
             if not parse_json:
                 return body.decode("utf-8", errors="replace")
-            try:
-                return json.loads(body)
-            except (ValueError, UnicodeDecodeError, RecursionError):
-                raise PermanentProviderError(
-                    f"{what}: HTTP {status} but the body is not valid JSON"
-                ) from None
+            return load_json(body, what, status)
 
         excerpt = _error_excerpt(body)
         retry_after = retry_after_seconds(response_headers.get("Retry-After"), now_epoch)
@@ -359,6 +354,8 @@ def _origin(url: str) -> tuple[str, str, int]:
 
 def _error_excerpt(body: bytes) -> str:
     """A short, single-line hint from an error body: its JSON message field, if any."""
+    if json_weight(body) > MAX_JSON_WEIGHT:
+        return ""  # an error body is only read for a hint: not worth 100 MB of objects
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError):
