@@ -7,8 +7,11 @@ What every HTTP provider gets from :meth:`HttpSession.get`:
   while the body streams in (httpx's timeouts are per phase, so a server dripping one
   byte a second would otherwise outlive the run);
 - a body size cap (:data:`MAX_BODY_BYTES`) on the bytes received and on the decoded body,
-  with gzip and deflate inflated step by step (``_body``), so a hostile server cannot
-  exhaust memory, not even with a compression bomb;
+  with gzip and deflate inflated step by step (``_body``), and a bound on what a JSON
+  answer may build, so a hostile server cannot exhaust memory, not even with a
+  compression bomb;
+- redirects followed only when asked (``follow_redirects``), by :func:`redirect_hop`
+  one hop at a time: configured headers stay at the first origin, never https->http;
 - status codes mapped once: 429 and 5xx/408 and network errors are retryable, 401/403,
   404 and other 4xx are permanent;
 - at most :data:`ATTEMPTS` tries for transient failures (tenacity), never sleeping past
