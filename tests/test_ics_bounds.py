@@ -149,7 +149,7 @@ def test_a_feed_waits_for_the_parse_budget_and_gives_up_at_the_deadline(http_ser
     try:
         with budget.reserve(1_000_000, request({}), "test"):  # another worker's parse
             with pytest.raises(RetryableProviderError, match="waiting for memory"):
-                provider.fetch(request(config, seconds=0.3))
+                provider.fetch(request(config, seconds=0.5))
             assert budget.used == 1_000_000
         assert provider.fetch(request(config))  # free again: parsed
         assert budget.used == 0

@@ -87,11 +87,11 @@ class ProviderContext:
     monotonic: Callable[[], float] = time.monotonic
     #: The run's shared HTTP client and rate-limit gate (httpx loads on first use).
     http: HttpSession = field(default_factory=lambda: _new_http_session())
-    #: The run's budget for expensive parses (an iCalendar feed): one for all workers.
-    memory: MemoryBudget = field(default_factory=lambda: _new_memory_budget())
     #: The operator's rules for which workspace may name which variable, and where its
     #: value may be sent (the built-in rules when not given; see ``scopes``).
     secret_scopes: SecretScopes = field(default_factory=lambda: _builtin_scopes())
+    #: The run's budget for expensive parses (an iCalendar feed): one for all workers.
+    memory: MemoryBudget = field(default_factory=lambda: _new_memory_budget())
     #: ``secret_scopes`` bound to ``environ``: computed once, here.
     destinations: Destinations = field(init=False, repr=False, compare=False)
 
