@@ -7,12 +7,15 @@
 A handler gets a :class:`Seen` request (GET or POST, with its body) and returns a
 :class:`Reply`. ``Reply.delay``
 sleeps before answering (a server that is slower than the deadline); ``Reply.drip``
-sends the body one byte at a time with that pause between bytes.
+sends the body one byte at a time with that pause between bytes. ``LocalServer(tls=ctx)``
+serves HTTPS with that server-side SSL context (see the ``tls`` fixtures in
+tests/test_redirects.py).
 """
 
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -55,7 +58,7 @@ Handler = Callable[[Seen], Reply]
 
 
 class LocalServer:
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self.routes: dict[str, Handler] = {}
         self.requests: list[Seen] = []
         self._stop = threading.Event()
@@ -108,13 +111,17 @@ class LocalServer:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self.httpd.daemon_threads = True
+        self.scheme = "http"
+        if tls is not None:
+            self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True)
+            self.scheme = "https"
         self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={
             "poll_interval": 0.05}, daemon=True)
 
     @property
     def base_url(self) -> str:
         host, port = self.httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"{self.scheme}://{host}:{port}"
 
     def url(self, path: str = "") -> str:
         return self.base_url + path

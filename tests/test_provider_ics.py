@@ -400,7 +400,7 @@ def test_more_occurrences_than_the_limit_after_expansion_is_a_permanent_error(
                        for i in range(4)))
     config = {"url": serve(http_server, feed), "timezone": "UTC"}
 
-    with pytest.raises(PermanentProviderError, match="4 event occurrences in the window"):
+    with pytest.raises(PermanentProviderError, match="more than 3 event occurrences in the window"):
         fetch(provider, config, utc(10, 20), utc(10, 31))
 
 

@@ -6,7 +6,12 @@ What every HTTP provider gets from :meth:`HttpSession.get`:
 - a timeout that is never longer than what is left of the run, and a total-time check
   while the body streams in (httpx's timeouts are per phase, so a server dripping one
   byte a second would otherwise outlive the run);
-- a body size cap (:data:`MAX_BODY_BYTES`), so a hostile server cannot exhaust memory;
+- a body size cap (:data:`MAX_BODY_BYTES`) on the bytes received and on the decoded body,
+  with gzip and deflate inflated step by step (``_body``), and a bound on what a JSON
+  answer may build, so a hostile server cannot exhaust memory, not even with a
+  compression bomb;
+- redirects followed only when asked (``follow_redirects``), by :func:`redirect_hop`
+  one hop at a time: configured headers stay at the first origin, never https->http;
 - status codes mapped once: 429 and 5xx/408 and network errors are retryable, 401/403,
   404 and other 4xx are permanent;
 - at most :data:`ATTEMPTS` tries for transient failures (tenacity), never sleeping past
@@ -30,23 +35,31 @@ import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, urljoin, urlsplit
 
+from ._body import ACCEPT_ENCODING, MAX_JSON_WEIGHT, json_weight, load_json, read_capped
+from ._body import MAX_BODY_BYTES as MAX_BODY_BYTES  # where the providers have always found it
 from ._shape import excerpt
 from .base import FetchRequest, PermanentProviderError, RetryableProviderError
 from .scopes import current_call
 
 if TYPE_CHECKING:
+    import ssl
+
     import httpx
 
-#: Largest response body read, in bytes (a month of slots is a few hundred KiB at most).
-MAX_BODY_BYTES = 5 * 1024 * 1024
 #: Tries per request for transient failures (5xx, 408, timeouts, connection errors).
 ATTEMPTS = 3
 #: A retry is only made when at least this much time is left after the wait.
 MIN_SECONDS_FOR_RETRY = 1.0
 #: When a 429 names no delay, back off this long.
 DEFAULT_RATE_LIMIT_SECONDS = 60.0
+
+#: Redirect hops followed at most, when a provider follows them at all (ics feeds).
+MAX_REDIRECTS = 5
+#: The statuses followed as redirects (303 too: every request here is a GET).
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 #: Reads a provider's own rate-limit headers: seconds until the limit resets, if exhausted.
 RateLimitReader = Callable[["httpx.Headers", float], float | None]
@@ -104,9 +117,12 @@ class HttpSession:
     """The run's shared HTTP client and rate-limit gate. Thread-safe; close once."""
 
     def __init__(self, user_agent: str = "availability-cron",
-                 wall_clock: Callable[[], float] = time.time) -> None:
+                 wall_clock: Callable[[], float] = time.time,
+                 verify: ssl.SSLContext | None = None) -> None:
         self.user_agent = user_agent
         self.wall_clock = wall_clock
+        #: TLS verification: None is the system's default trust; tests pass their own CA.
+        self.verify = verify
         self._client: httpx.Client | None = None
         self._lock = threading.Lock()
         #: credential key -> wall-clock epoch until which it is rate limited
@@ -118,8 +134,10 @@ class HttpSession:
                 import httpx
 
                 self._client = httpx.Client(
-                    headers={"User-Agent": self.user_agent, "Accept": "application/json"},
+                    headers={"User-Agent": self.user_agent, "Accept": "application/json",
+                             "Accept-Encoding": ACCEPT_ENCODING},
                     follow_redirects=False,
+                    verify=True if self.verify is None else self.verify,
                     limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
                 )
             return self._client
@@ -155,6 +173,7 @@ class HttpSession:
         what: str,
         params: Mapping[str, str] | None = None,
         headers: Mapping[str, str] | None = None,
+        accept: str | None = None,
         gate_key: str | None = None,
         rate_limit: RateLimitReader | None = None,
         follow_redirects: bool = False,
@@ -162,7 +181,10 @@ class HttpSession:
     ) -> Any:
         """GET ``url`` and return its JSON (or text, with ``parse_json=False``).
 
-        ``what`` names the call in messages ("calcom: GET /v2/slots"). Raises
+        ``what`` names the call in messages ("calcom: GET /v2/slots"). ``headers`` are
+        the configured ones (tokens, API keys): with ``follow_redirects`` they are sent
+        only while the redirects stay at ``url``'s origin (see :func:`redirect_hop`);
+        ``accept`` is the job's own Accept header, sent on every hop. Raises
         RetryableProviderError or PermanentProviderError; never anything else.
         """
         if gate_key is not None:
@@ -202,7 +224,7 @@ class HttpSession:
         for attempt in retrying:
             with attempt:
                 return self._get_once(request, url, what=what, params=params, headers=headers,
-                                      gate_key=gate_key, rate_limit=rate_limit,
+                                      accept=accept, gate_key=gate_key, rate_limit=rate_limit,
                                       follow_redirects=follow_redirects, parse_json=parse_json)
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -214,6 +236,7 @@ class HttpSession:
         what: str,
         params: Mapping[str, str] | None,
         headers: Mapping[str, str] | None,
+        accept: str | None,
         gate_key: str | None,
         rate_limit: RateLimitReader | None,
         follow_redirects: bool,
@@ -222,22 +245,37 @@ class HttpSession:
         import httpx
 
         call = current_call()
-        if call is not None:  # before anything leaves: may a scoped secret go there?
-            call.destinations.check(url, headers, params, what=what)
+        own = {} if accept is None else {"Accept": accept}
+        hop_url: str = url
+        hop_headers: Mapping[str, str] = {**own, **(headers or {})}
         left = request.time_left()
-        if left <= 0.05:
-            raise RetryableProviderError(f"{what}: no time left in the run's budget")
         try:
-            with self.client().stream(
-                "GET", url, params=params, headers=headers, timeout=httpx.Timeout(left),
-                follow_redirects=follow_redirects,
-            ) as response:
-                body = _read_capped(response, request, what)
-                status, response_headers = response.status_code, response.headers
+            # Redirects are followed here, not by httpx: httpx keeps every header but
+            # Authorization and Cookie on a hop to another host, and follows https->http.
+            # Each hop has what is left of the deadline and the same body bounds.
+            for hop in range(MAX_REDIRECTS + 1):
+                if call is not None:  # before anything leaves: may a scoped secret go there?
+                    call.destinations.check(hop_url, hop_headers, params if hop == 0 else None,
+                                            what=what)
+                left = request.time_left()
+                if left <= 0.05:
+                    raise RetryableProviderError(f"{what}: no time left in the run's budget")
+                with self.client().stream(
+                    "GET", hop_url, params=params if hop == 0 else None, headers=hop_headers,
+                    timeout=httpx.Timeout(left),
+                ) as response:
+                    if follow_redirects and response.status_code in REDIRECT_STATUSES:
+                        hop_url, hop_headers = redirect_hop(
+                            str(response.request.url), response.headers.get("Location"),
+                            hop_headers, own, what)
+                        continue
+                    body = read_capped(response, request, what)
+                    status, response_headers = response.status_code, response.headers
+                    break
+            else:
+                raise PermanentProviderError(f"{what}: more than {MAX_REDIRECTS} redirects")
         except httpx.TimeoutException:
             raise RetryableProviderError(f"{what}: timed out after {left:.1f}s") from None
-        except httpx.TooManyRedirects:
-            raise PermanentProviderError(f"{what}: too many redirects") from None
         except httpx.TransportError as exc:
             raise RetryableProviderError(
                 f"{what}: connection failed ({type(exc).__name__})"
@@ -252,12 +290,7 @@ class HttpSession:
                 self.block(gate_key, provider_reset)  # exhausted: spare the next calls
             if not parse_json:
                 return body.decode("utf-8", errors="replace")
-            try:
-                return json.loads(body)
-            except (ValueError, UnicodeDecodeError, RecursionError):
-                raise PermanentProviderError(
-                    f"{what}: HTTP {status} but the body is not valid JSON"
-                ) from None
+            return load_json(body, what, status)
 
         excerpt = _error_excerpt(body)
         retry_after = retry_after_seconds(response_headers.get("Retry-After"), now_epoch)
@@ -284,28 +317,48 @@ class HttpSession:
         raise PermanentProviderError(f"{what}: HTTP {status}{excerpt}")
 
 
-def _read_capped(response: httpx.Response, request: FetchRequest, what: str) -> bytes:
-    declared = response.headers.get("Content-Length")
-    if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+def redirect_hop(current: str, location: str | None, headers: Mapping[str, str],
+                 own: Mapping[str, str], what: str) -> tuple[str, Mapping[str, str]]:
+    """Where a redirect from ``current`` leads, and the headers to send there.
+
+    ``headers`` are those sent to ``current``; ``own`` are the job's own (no secret in
+    them). A hop to another origin (scheme, host or port) carries only ``own``, and so
+    does every later hop, even one back to the first origin. Raises
+    PermanentProviderError, naming neither URL (feed URLs hold secrets), for a redirect
+    without a Location, to anything but an http(s) URL without credentials, or from
+    https to http.
+    """
+    if not location or not location.strip():
+        raise PermanentProviderError(f"{what}: a redirect without a Location header")
+    target = urljoin(current, location.strip())
+    parts = urlsplit(target)
+    if parts.scheme not in _DEFAULT_PORTS or not parts.hostname:
+        raise PermanentProviderError(f"{what}: redirected to a URL that is not http or https")
+    if parts.username is not None or parts.password is not None:
+        raise PermanentProviderError(f"{what}: redirected to a URL with credentials in it")
+    if urlsplit(current).scheme == "https" and parts.scheme == "http":
         raise PermanentProviderError(
-            f"{what}: response body of {int(declared)} bytes exceeds {MAX_BODY_BYTES}"
+            f"{what}: redirected from https to http; a feed is never fetched in clear text"
         )
-    chunks: list[bytes] = []
-    size = 0
-    for chunk in response.iter_bytes():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise PermanentProviderError(
-                f"{what}: response body exceeds {MAX_BODY_BYTES} bytes"
-            )
-        chunks.append(chunk)
-        if request.time_left() <= 0:
-            raise RetryableProviderError(f"{what}: timed out while reading the response")
-    return b"".join(chunks)
+    if _origin(current) != _origin(target):
+        headers = own
+    return target, headers
+
+
+def _origin(url: str) -> tuple[str, str, int]:
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1  # an invalid port is its own origin; the request then reports the URL
+    return (parts.scheme, (parts.hostname or "").lower(),
+            _DEFAULT_PORTS.get(parts.scheme, -1) if port is None else port)
 
 
 def _error_excerpt(body: bytes) -> str:
     """A short, single-line hint from an error body: its JSON message field, if any."""
+    if json_weight(body) > MAX_JSON_WEIGHT:
+        return ""  # an error body is only read for a hint: not worth 100 MB of objects
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError):

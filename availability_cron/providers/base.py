@@ -29,6 +29,7 @@ from ..errors import AvailabilityCronError
 
 if TYPE_CHECKING:
     from ._http import HttpSession
+    from ._memory import MemoryBudget
     from .scopes import Destinations, SecretScopes
 
 
@@ -70,6 +71,12 @@ def _builtin_scopes() -> SecretScopes:
     return SecretScopes()
 
 
+def _new_memory_budget() -> MemoryBudget:
+    from ._memory import MemoryBudget  # _memory imports this module too
+
+    return MemoryBudget()
+
+
 @dataclass(frozen=True)
 class ProviderContext:
     """What a provider may use besides the request: shared for the whole run."""
@@ -83,6 +90,8 @@ class ProviderContext:
     #: The operator's rules for which workspace may name which variable, and where its
     #: value may be sent (the built-in rules when not given; see ``scopes``).
     secret_scopes: SecretScopes = field(default_factory=lambda: _builtin_scopes())
+    #: The run's budget for expensive parses (an iCalendar feed): one for all workers.
+    memory: MemoryBudget = field(default_factory=lambda: _new_memory_budget())
     #: ``secret_scopes`` bound to ``environ``: computed once, here.
     destinations: Destinations = field(init=False, repr=False, compare=False)
 

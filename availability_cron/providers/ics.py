@@ -30,7 +30,7 @@ import errno
 import os
 import re
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
@@ -41,8 +41,9 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import icalendar
 import recurring_ical_events  # type: ignore[import-untyped]  # ships no py.typed
 
+from ._body import MAX_BODY_BYTES
 from ._config import ConfigReader
-from ._http import MAX_BODY_BYTES
+from ._memory import Reservation
 from .base import FetchRequest, PermanentProviderError, Provider, RetryableProviderError
 
 #: The only directory ``path`` feeds may be read from; unset means no local files at all.
@@ -50,9 +51,28 @@ FILE_ROOT_ENV = "AVAILABILITY_CRON_ICS_FILE_ROOT"
 #: More event occurrences than this in the (padded) window is an error, not a calendar.
 MAX_OCCURRENCES = 50_000
 #: Recurrence rules are expanded from their DTSTART (dateutil walks every period up to
-#: the window), at a few microseconds a step; past this many steps the feed is refused
-#: before any expansion, so one hostile RRULE cannot hold a worker (and the GIL) for minutes.
-MAX_RULE_STEPS = 500_000
+#: the window), at a few microseconds and ~60-100 bytes a step (dateutil keeps each
+#: instance); past this many steps the feed is refused before any expansion, so one
+#: hostile RRULE cannot hold a worker (and the GIL) for seconds, nor 50 MB of memory.
+MAX_RULE_STEPS = 250_000
+#: The Accept header of feed requests: the job's own, so it is sent on every redirect hop.
+FEED_ACCEPT = "text/calendar, text/plain;q=0.9, */*;q=0.5"
+#: What parsing and expanding costs, in bytes of memory (peak RSS, measured with icalendar
+#: 7.3 and recurring_ical_events 3.8; benchmarks/README.md): per VEVENT (its parsed
+#: component, its series and one occurrence), per other component, per content line, per
+#: list value, per recurrence rule, and per step a rule takes from its DTSTART (dateutil
+#: keeps every instance it steps through).
+EVENT_BYTES = 5_000
+COMPONENT_BYTES = 1_000
+LINE_BYTES = 450
+VALUE_BYTES = 600
+RULE_BYTES = 8_000
+RULE_STEP_BYTES = 96
+#: A feed whose census weighs more than this is refused before parsing. With the
+#: longest rule expansion allowed (MAX_RULE_STEPS * RULE_STEP_BYTES, 24 MB) it still
+#: fits the run's parse budget (_memory.PARSE_MEMORY_BYTES, 64 MiB), which every feed
+#: being parsed shares; see benchmarks/README.md for the arithmetic.
+MAX_FEED_BYTES = 40 * 1024 * 1024
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 DEFAULT_HOURS: Mapping[str, Sequence[Sequence[str]]] = {
     day: (("09:00", "17:00"),) for day in DAYS[:5]
@@ -65,6 +85,9 @@ QUERY_PADDING = timedelta(days=2)
 _KEYS = {"url", "path", "timezone", "hours", "slot_minutes", "min_notice_minutes", "token",
          "token_env", "headers"}
 _HHMM = re.compile(r"(?:[01]\d|2[0-3]):[0-5]\d|24:00")
+_BEGIN = re.compile(r"^[ \t]*BEGIN:", re.IGNORECASE | re.MULTILINE)
+_BEGIN_VEVENT = re.compile(r"^[ \t]*BEGIN:VEVENT", re.IGNORECASE | re.MULTILINE)
+_RRULE = re.compile(r"^[ \t]*RRULE[;:]", re.IGNORECASE | re.MULTILINE)
 _HOURS_SHAPE = 'an object of day names (mon..sun) to lists of ["HH:MM", "HH:MM"] intervals'
 #: What malformed feed data makes icalendar and recurring_ical_events raise (their own
 #: errors are ValueError subclasses; a missing DTSTART is a KeyError).
@@ -211,21 +234,57 @@ class IcsProvider(Provider):
         else:
             assert config.path is not None
             text = read_feed_file(config.path, self.context.environ)
-        calendar = parse_calendar(text)
-        busy = busy_intervals(calendar, config.timezone, request.window_start - QUERY_PADDING,
-                              request.window_end + QUERY_PADDING)
+        census = check_feed_size(text)
+        # Reserved with room for the longest rule expansion allowed, then shrunk to what
+        # the feed's rules need once they are checked (a reservation never grows).
+        worst = census.weight + (RULE_STEP_BYTES * MAX_RULE_STEPS if census.rules else 0)
+        with self.context.memory.reserve(worst, request, "ics") as held:
+            busy = _busy_time(text, census, config.timezone, request, held)
         not_before = request.window_start + timedelta(minutes=config.min_notice_minutes)
         return free_slots(config, busy, request.window_start, request.window_end, not_before)
 
     def _download(self, request: FetchRequest, config: IcsConfig, url: str) -> str:
-        headers = {"Accept": "text/calendar, text/plain;q=0.9, */*;q=0.5", **config.headers}
+        headers = dict(config.headers)
         if config.token is not None:
             headers["Authorization"] = f"Bearer {config.token}"
+        # Redirects are followed (feeds move); the configured headers and the token go
+        # only to the feed's own origin, and never in clear text after https.
         text: str = self.context.http.get(
             request, url, what=f"ics: GET {feed_label(url)}", parse_json=False,
-            follow_redirects=True, headers=headers,
+            follow_redirects=True, headers=headers, accept=FEED_ACCEPT,
         )
         return text
+
+
+def _busy_time(text: str, census: FeedCensus, zone: ZoneInfo, request: FetchRequest,
+               held: Reservation) -> list[Interval]:
+    # The parsed calendar lives only in this frame: it is gone when the reservation ends.
+    calendar = parse_calendar(text)
+    return busy_intervals(calendar, zone, request.window_start - QUERY_PADDING,
+                          request.window_end + QUERY_PADDING,
+                          on_checked=lambda steps: held.shrink(
+                              census.weight + RULE_STEP_BYTES * steps))
+
+
+def check_feed_size(text: str) -> FeedCensus:
+    """The census of ``text``; PermanentProviderError if parsing it could take too much memory.
+
+    Runs before icalendar sees the text: a 4.5 MB feed of 40,000 events would take
+    ~500 MB and 12 s of CPU to parse and expand, and is refused here in milliseconds.
+    """
+    census = FeedCensus.of(text)
+    if census.weight > MAX_FEED_BYTES:
+        raise PermanentProviderError(
+            f"ics: the feed is too large to expand: {census.events} events, "
+            f"{census.components} other components, {census.lines} lines and "
+            f"{census.values} list values need an estimated {_mb(census.weight)} of memory; "
+            f"the limit is {_mb(MAX_FEED_BYTES)}"
+        )
+    return census
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1e6:.0f} MB"
 
 
 def feed_label(url: str) -> str:
@@ -309,6 +368,36 @@ def read_feed_file(path: str, environ: Mapping[str, str]) -> str:
     return b"".join(chunks).decode("utf-8", errors="replace")
 
 
+@dataclass(frozen=True)
+class FeedCensus:
+    """What drives the memory of parsing and expanding a feed, counted in its text.
+
+    Counted with plain string searches, in a few milliseconds for a 5 MiB feed, before
+    icalendar sees the text; every count over-estimates (a folded line counts as two, a
+    comma in a summary as a list value), so the weight is an upper bound.
+    """
+
+    events: int  # BEGIN:VEVENT lines
+    components: int  # other BEGIN: lines (alarms, time zones, to-dos...)
+    lines: int
+    values: int  # commas: each list value (EXDATE, RDATE, CATEGORIES...) is an object
+    rules: int  # RRULE lines
+
+    @classmethod
+    def of(cls, text: str) -> FeedCensus:
+        events = len(_BEGIN_VEVENT.findall(text))
+        return cls(events=events, components=len(_BEGIN.findall(text)) - events,
+                   lines=text.count("\n") + 1, values=text.count(","),
+                   rules=len(_RRULE.findall(text)))
+
+    @property
+    def weight(self) -> int:
+        """Bytes that parsing and expanding may take at most, rule steps not included."""
+        return (EVENT_BYTES * self.events + COMPONENT_BYTES * self.components
+                + LINE_BYTES * self.lines + VALUE_BYTES * self.values
+                + RULE_BYTES * self.rules)
+
+
 def parse_calendar(text: str) -> icalendar.Calendar:
     """The VCALENDAR in ``text``; PermanentProviderError otherwise.
 
@@ -329,29 +418,33 @@ def parse_calendar(text: str) -> icalendar.Calendar:
 
 
 def busy_intervals(calendar: icalendar.Calendar, zone: ZoneInfo, start: datetime,
-                   end: datetime) -> list[Interval]:
+                   end: datetime, *,
+                   on_checked: Callable[[int], None] | None = None) -> list[Interval]:
     """The busy time of ``calendar`` between ``start`` and ``end``: sorted, merged, in UTC.
 
     Busy is every VEVENT occurrence overlapping the span that is neither transparent nor
     cancelled. Dates are whole local days in ``zone`` (DTEND exclusive, one day when it
     is missing); floating times are wall-clock times in ``zone``. Raises
     PermanentProviderError for a feed that cannot be expanded or is too large to.
+    ``on_checked`` is told the estimated rule steps once the rules passed the checks,
+    before any expansion.
     """
-    _check_expansion_cost(calendar, zone, start, end)
+    steps = _check_expansion_cost(calendar, zone, start, end)
+    if on_checked is not None:
+        on_checked(steps)
     try:
         # An unknown X-WR-TIMEZONE would fail the whole feed inside the library; a feed
         # naming a zone nobody knows is better read as if it named none.
         x_wr = calendar.get("X-WR-TIMEZONE")
         if x_wr is not None and _known_zone(str(x_wr)) is None:
             del calendar["X-WR-TIMEZONE"]
-        occurrences = recurring_ical_events.of(calendar).between(start, end)
-        if len(occurrences) > MAX_OCCURRENCES:
-            raise PermanentProviderError(
-                f"ics: the feed has {len(occurrences)} event occurrences in the window; "
-                f"the limit is {MAX_OCCURRENCES}"
-            )
         intervals: list[Interval] = []
-        for event in occurrences:
+        for count, event in enumerate(_occurrences(calendar, start, end), start=1):
+            if count > MAX_OCCURRENCES:
+                raise PermanentProviderError(
+                    f"ics: the feed has more than {MAX_OCCURRENCES} event occurrences in the "
+                    "window; that is the limit"
+                )
             if (str(event.get("TRANSP", "")).strip().upper() == "TRANSPARENT"
                     or str(event.get("STATUS", "")).strip().upper() == "CANCELLED"):
                 continue
@@ -363,6 +456,26 @@ def busy_intervals(calendar: icalendar.Calendar, zone: ZoneInfo, start: datetime
             f"ics: the feed has an event that cannot be read or expanded ({type(exc).__name__})"
         ) from None
     return _merge(intervals)
+
+
+def _occurrences(calendar: icalendar.Calendar, start: datetime,
+                 end: datetime) -> Iterator[icalendar.Event]:
+    """Every VEVENT occurrence overlapping [start, end], one at a time.
+
+    What ``recurring_ical_events.of(calendar).between(start, end)`` returns, but as a
+    generator: ``between`` builds a copy of every occurrence first (~2 KB each), so a
+    feed over the occurrence limit would cost its whole expansion before being counted.
+    Each series is let go once expanded: its rules cache every instance they stepped
+    through from DTSTART (dateutil's ``cache=True``, ~60 bytes a step), so only the
+    series being expanded holds such a cache, not all of them at once.
+    """
+    pending = recurring_ical_events.of(calendar).series
+    pending.reverse()  # popped from the end: the library's order
+    while pending:
+        series = pending.pop()
+        for occurrence in series.between(start, end):
+            yield occurrence.as_component(False)
+        del series
 
 
 def _known_zone(name: str) -> ZoneInfo | None:
@@ -393,8 +506,8 @@ def _merge(intervals: list[Interval]) -> list[Interval]:
 
 
 def _check_expansion_cost(calendar: icalendar.Calendar, zone: ZoneInfo, start: datetime,
-                          end: datetime) -> None:
-    """Refuse, before expanding, recurrence rules too costly to expand.
+                          end: datetime) -> int:
+    """Refuse, before expanding, recurrence rules too costly to expand; else their steps.
 
     The estimate is generous (every BY* value multiplies, a month is 28 days), so a
     real calendar stays far below the limits; unreadable rules are left to the
@@ -423,6 +536,7 @@ def _check_expansion_cost(calendar: icalendar.Calendar, zone: ZoneInfo, start: d
             "ics: the feed's recurrence rules are too costly to expand (estimated "
             f"{steps} steps from their first occurrence; the limit is {MAX_RULE_STEPS})"
         )
+    return steps
 
 
 def _rule_cost(rule: Mapping[str, list[Any]], first: datetime, zone: ZoneInfo,
