@@ -20,6 +20,7 @@ import math
 import random
 import re
 import threading
+import traceback
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -265,15 +266,14 @@ _SECRET_KEY = re.compile(
     r"|credential|cookie|signature|private)", re.I)
 
 
-def config_secrets(config: Any, environ: Mapping[str, str], *,
-                   readable: Callable[[str], bool] | None = None) -> list[str]:
+def config_secrets(config: Any, environ: Mapping[str, str]) -> list[str]:
     """Values in a provider_config that must never be printed or stored.
 
     Any string under a key that looks secret (token, secret, password, api_key, ...),
-    and the environment value of any ``*_env`` key (e.g. ``token_env``) whose variable
-    ``readable`` allows (all, when not given). The refresh job allows only the variables
-    scoped to the workspace: were any variable's value scrubbed from a stored error, a
-    tenant whose server echoes guesses could tell from the ``***`` which guess was right.
+    and the environment value of any ``*_env`` key (e.g. ``token_env``), scoped or not:
+    a careless plugin may read and echo a variable the scopes refused. (This lets a tenant
+    whose server echoes guesses tell, from the ``***``, that a guess equals a whole value
+    it named; that needs the whole value guessed, where not scrubbing would hand it over.)
     """
     found: list[str] = []
 
@@ -285,10 +285,8 @@ def config_secrets(config: Any, environ: Mapping[str, str], *,
             for v in value:
                 visit(v, key)
         elif isinstance(value, str):
-            if key.endswith("_env"):
-                name = value.strip()
-                if environ.get(name) and (readable is None or readable(name)):
-                    found.append(environ[name])
+            if key.endswith("_env") and environ.get(value.strip()):
+                found.append(environ[value.strip()])
             elif _SECRET_KEY.search(key):
                 found.append(value)
 
@@ -407,10 +405,7 @@ def call_provider(item: PlannedRefresh, ctx: CallContext) -> Outcome:
     window_start = started.astimezone(UTC).replace(second=0, microsecond=0)
     window_end = window_start + ctx.lookahead
     provider_context = ctx.registry.context
-    scopes = provider_context.secret_scopes
-    secrets = ctx.secrets + config_secrets(
-        item.provider_config, ctx.environ,
-        readable=lambda name: scopes.allows(name, item.workspace_id))
+    secrets = ctx.secrets + config_secrets(item.provider_config, ctx.environ)
     slots: tuple[str, ...] | None = None
     error: str | None = None
     retry_after: float | None = None
@@ -435,7 +430,9 @@ def call_provider(item: PlannedRefresh, ctx: CallContext) -> Outcome:
     except PermanentProviderError as exc:
         error = short_error("permanent", exc, secrets)
     except Exception as exc:  # a buggy plugin is that workspace's problem, not the run's
-        log.debug("provider %s raised", item.provider, exc_info=True)
+        # The traceback's message may hold a token: scrubbed like the stored error.
+        log.debug("provider %s raised: %s", item.provider,
+                  scrub(traceback.format_exc(), secrets))
         error = short_error(f"unexpected {type(exc).__name__}", exc, secrets)
     return Outcome(item, started, ctx.clock(), window_start, window_end, slots, error, retry_after)
 

@@ -525,3 +525,12 @@ def test_a_bad_simulated_config_becomes_a_permanent_error_outcome():
     outcome = call_provider(item("simulated", {"slots_per_day": 99}), context())
     assert outcome.error is not None
     assert outcome.error.startswith("[permanent] simulated: provider_config.slots_per_day")
+
+
+def test_a_plugins_traceback_in_the_debug_log_has_the_token_scrubbed(caplog):
+    token = "tok_live_5f2c9a7e"
+    with caplog.at_level("DEBUG", logger="availability_cron.refresh"):
+        call_provider(item("leaky", {"token": token}), context())
+
+    assert "Traceback" in caplog.text
+    assert token not in caplog.text

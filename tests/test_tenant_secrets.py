@@ -377,20 +377,6 @@ def test_a_refusal_names_no_other_workspaces_variable(capture):
     assert "CALCOM_TOKEN_ACME" not in outcome.error and "acme" not in outcome.error.lower()
 
 
-def test_an_env_key_outside_token_env_does_not_make_the_environment_a_scrub_oracle(capture):
-    def echo(seen: Any) -> Reply:
-        return Reply(400, {"message": f"guesses {seen.query.get('g', '')}"})
-
-    capture.route("/echo", echo)
-    cfg = {"url": capture.url("/echo?g=pg-superuser-pass-1234"),
-           "headers": {"x_env": "POSTGRES_PASSWORD"}}
-
-    outcome = call("evil", "http", cfg)
-
-    assert outcome.error is not None
-    assert "pg-superuser-pass-1234" in outcome.error  # its own text, not an oracle's ***
-
-
 def test_a_non_ascii_scoped_token_is_refused_without_showing_any_character_of_it(capture):
     port = capture.url().rsplit(":", 1)[1]
     scopes = json.dumps({"CALCOM_TOKEN_{workspace}": {"hosts": [f"http://127.0.0.1:{port}"]}})

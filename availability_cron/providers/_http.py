@@ -34,6 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urljoin, urlsplit
 
@@ -41,7 +42,7 @@ from ._body import ACCEPT_ENCODING, MAX_JSON_WEIGHT, json_weight, load_json, rea
 from ._body import MAX_BODY_BYTES as MAX_BODY_BYTES  # where the providers have always found it
 from ._shape import excerpt
 from .base import FetchRequest, PermanentProviderError, RetryableProviderError
-from .scopes import current_call
+from .scopes import Destinations
 
 if TYPE_CHECKING:
     import ssl
@@ -127,6 +128,13 @@ class HttpSession:
         self._lock = threading.Lock()
         #: credential key -> wall-clock epoch until which it is rate limited
         self._blocked_until: dict[str, float] = {}
+        #: Where the operator's scoped secrets may go (see scopes); set by ProviderContext.
+        self._destinations = Destinations()
+
+    def protect(self, destinations: Destinations) -> None:
+        """Refuse, from now on, every request carrying a scoped secret where its rules do
+        not allow it: on every thread and every redirect hop, whoever built the request."""
+        self._destinations = destinations
 
     def client(self) -> httpx.Client:
         with self._lock:
@@ -139,8 +147,18 @@ class HttpSession:
                     follow_redirects=False,
                     verify=True if self.verify is None else self.verify,
                     limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+                    # One client serves every workspace of the run: a cookie one tenant's
+                    # server sets must never ride along on another tenant's request.
+                    cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
+                    # The last check before bytes leave, also for a plugin that uses the
+                    # client directly (the explicit check in _get_once words the error).
+                    event_hooks={"request": [self._check_request]},
                 )
             return self._client
+
+    def _check_request(self, outgoing: httpx.Request) -> None:
+        self._destinations.check(str(outgoing.url), dict(outgoing.headers),
+                                 what=f"{outgoing.method} {outgoing.url.path}")
 
     def close(self) -> None:
         with self._lock:
@@ -244,7 +262,6 @@ class HttpSession:
     ) -> Any:
         import httpx
 
-        call = current_call()
         own = {} if accept is None else {"Accept": accept}
         hop_url: str = url
         hop_headers: Mapping[str, str] = {**own, **(headers or {})}
@@ -254,9 +271,9 @@ class HttpSession:
             # Authorization and Cookie on a hop to another host, and follows https->http.
             # Each hop has what is left of the deadline and the same body bounds.
             for hop in range(MAX_REDIRECTS + 1):
-                if call is not None:  # before anything leaves: may a scoped secret go there?
-                    call.destinations.check(hop_url, hop_headers, params if hop == 0 else None,
-                                            what=what)
+                # Before anything leaves: may a scoped secret go there?
+                self._destinations.check(hop_url, hop_headers, params if hop == 0 else None,
+                                         what=what)
                 left = request.time_left()
                 if left <= 0.05:
                     raise RetryableProviderError(f"{what}: no time left in the run's budget")
@@ -282,6 +299,10 @@ class HttpSession:
             ) from None
         except httpx.InvalidURL:
             raise PermanentProviderError(f"{what}: invalid URL") from None
+        except UnicodeEncodeError:  # its message would quote the character and its place
+            raise PermanentProviderError(
+                f"{what}: a header or the URL holds characters HTTP cannot carry (not shown)"
+            ) from None
 
         now_epoch = self.wall_clock()
         provider_reset = rate_limit(response_headers, now_epoch) if rate_limit else None

@@ -97,6 +97,7 @@ class ProviderContext:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "destinations", self.secret_scopes.bind(self.environ))
+        self.http.protect(self.destinations)
 
 
 @dataclass(frozen=True)
