@@ -9,7 +9,8 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -132,6 +133,27 @@ def run_rows(conn: psycopg.Connection[Any]) -> list[dict[str, Any]]:
     with conn.cursor(row_factory=dict_row) as cur:
         cur.execute("SELECT * FROM availability_cron_runs ORDER BY started_at")
         return cur.fetchall()
+
+
+@dataclass
+class Peak:
+    """The largest amount of memory Python allocated while a ``traced_peak()`` block ran."""
+
+    bytes: int = 0
+
+
+@contextmanager
+def traced_peak() -> Iterator[Peak]:
+    """tracemalloc's peak over the block (Python allocations; not a timing)."""
+    import tracemalloc
+
+    peak = Peak()
+    tracemalloc.start()
+    try:
+        yield peak
+        peak.bytes = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
 
 
 # --- in-process runs ------------------------------------------------------------------------

@@ -9,11 +9,11 @@ from __future__ import annotations
 import gzip
 import json
 import time
-import tracemalloc
 import zlib
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from helpers import traced_peak
 from httpserver import Reply
 
 from availability_cron.providers import (
@@ -57,13 +57,10 @@ def test_a_gzip_bomb_is_refused_without_inflating_past_the_body_cap(http_server,
     url = served(http_server, bomb, "gzip")
     session.get(request(), served(http_server, b"[]", "identity", "/warm"), what="t")  # imports
 
-    tracemalloc.start()
-    try:
+    with traced_peak() as traced:
         with pytest.raises(PermanentProviderError) as info:
             session.get(request(), url, what="t: GET /body")
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    peak = traced.bytes
 
     # The body cap, the chunks list and one bounded decode step: never the whole bomb.
     assert peak < 3 * MAX_BODY_BYTES, f"peak {peak / 1e6:.1f} MB"
@@ -140,13 +137,10 @@ def test_a_json_answer_that_would_build_too_much_is_refused_before_parsing(
     url = served(http_server, gzip.compress(dense_json(MAX_BODY_BYTES)), "gzip")
     session.get(request(), served(http_server, b"[]", "identity", "/warm"), what="t")
 
-    tracemalloc.start()
-    try:
+    with traced_peak() as traced:
         with pytest.raises(PermanentProviderError, match="too large to parse") as info:
             session.get(request(), url, what="t: GET /body")
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    peak = traced.bytes
 
     # The body and its count: json.loads would build ~130 MB.
     assert peak < 3 * MAX_BODY_BYTES, f"peak {peak / 1e6:.1f} MB"
@@ -157,13 +151,10 @@ def test_an_error_body_that_would_build_too_much_gives_no_excerpt(http_server, s
     http_server.route("/err", Reply(500, dense_json(MAX_BODY_BYTES)))
     session.get(request(), served(http_server, b"[]", "identity", "/warm"), what="t")
 
-    tracemalloc.start()
-    try:
+    with traced_peak() as traced:
         with pytest.raises(RetryableProviderError, match="HTTP 500$"):
             session.get(request(seconds=0.9), http_server.url("/err"), what="t")
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    peak = traced.bytes
 
     assert peak < 3 * MAX_BODY_BYTES, f"peak {peak / 1e6:.1f} MB"
 
@@ -182,11 +173,8 @@ def test_the_json_estimate_is_an_upper_bound_for_the_densest_shapes():
                  b"[" + b'{"a":1},' * 130_000 + b"{}]",
                  b"[" + b"".join(b'{"k%d":%d},' % (i, i) for i in range(80_000)) + b"{}]",
                  b"[" + b"".join(b'{"k%d":"v%d"},' % (i, i) for i in range(60_000)) + b"{}]"):
-        tracemalloc.start()
-        try:
+        with traced_peak() as traced:
             value = json.loads(body)
-            _, peak = tracemalloc.get_traced_memory()
-        finally:
-            tracemalloc.stop()
+        peak = traced.bytes
         del value
         assert json_weight(body) >= peak, body[:10]

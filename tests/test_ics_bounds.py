@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import threading
 import time
-import tracemalloc
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from helpers import traced_peak
 from httpserver import LocalServer, Reply
 
 from availability_cron.providers import (
@@ -75,13 +75,10 @@ def test_a_feed_of_40000_events_is_refused_before_it_is_parsed(provider, http_se
     assert 4_000_000 < len(text) < 5_000_000
     config = serve(http_server, text)
 
-    tracemalloc.start()
-    try:
+    with traced_peak() as traced:
         with pytest.raises(PermanentProviderError, match="too large to expand") as info:
             provider.fetch(request(config))
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    peak = traced.bytes
 
     # The body, its text and the census; parsing it would take hundreds of MB.
     assert peak < 8 * len(text), f"peak {peak / 1e6:.0f} MB"
@@ -126,13 +123,10 @@ def test_occurrences_are_counted_while_expanding_not_after(provider, http_server
     config = serve(http_server, text)
     provider.fetch(request(serve(http_server, small_events(1), "warm")))  # imports, client
 
-    tracemalloc.start()
-    try:
+    with traced_peak() as traced:
         with pytest.raises(PermanentProviderError, match="more than 1000 event occurrences"):
             provider.fetch(request(config))
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    peak = traced.bytes
 
     # Parsing 3,000 dates and the series: ~1-2 MB. A copy of every occurrence first
     # (~2 KB each) would be 6 MB more.
