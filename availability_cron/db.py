@@ -3,6 +3,15 @@
 Contract: every function here either returns normally or raises an
 :class:`~availability_cron.errors.AvailabilityCronError`; no psycopg exception
 escapes :func:`translate_errors`.
+
+Session settings the code must not depend on, because a DBA sets them per database or
+role (``ALTER DATABASE ... SET``) and a pooled session cannot be given its own:
+
+- DateStyle and IntervalStyle: psycopg parses timestamptz (and interval) *text* by the
+  session's DateStyle, and gives up on anything but ISO. Every read that returns a
+  timestamp asks for binary results (``conn.cursor(..., binary=True)``): a timestamptz
+  then travels as microseconds since 2000 UTC, whatever the DateStyle, and nothing is
+  SET on the session. Parameters are sent as ISO text, which every DateStyle reads.
 """
 
 from __future__ import annotations
@@ -249,7 +258,8 @@ class ServerIdentity:
 
 
 def server_identity(conn: Connection) -> ServerIdentity:
-    with conn.cursor(row_factory=class_row(ServerIdentity)) as cur:
+    # Binary results: timestamps read whatever the DateStyle (see db.py).
+    with conn.cursor(row_factory=class_row(ServerIdentity), binary=True) as cur:
         cur.execute(queries.SERVER_IDENTITY)
         row = cur.fetchone()
     assert row is not None

@@ -201,7 +201,8 @@ def _quote_ident(name: str) -> str:
 def find_holder(conn: psycopg.Connection[Any], key: int) -> LockHolder | None:
     """Who holds the advisory lock ``key`` in this database, or None if nobody."""
     classid, objid = _split_key(key)
-    with conn.cursor(row_factory=class_row(LockHolder)) as cur:
+    # Binary results: timestamps read whatever the DateStyle (see db.py).
+    with conn.cursor(row_factory=class_row(LockHolder), binary=True) as cur:
         cur.execute(queries.LOCK_HOLDER, {"classid": classid, "objid": objid})
         return cur.fetchone()
 

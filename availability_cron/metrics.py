@@ -156,7 +156,8 @@ def staleness(conn: db.Connection, source_table: str, now: datetime) -> Stalenes
     source rows from a second (:func:`source.fetch_invalid_rows`), the run numbers from a
     third (:func:`run_history`).
     """
-    with conn.cursor(row_factory=dict_row) as cur:
+    # Binary results: timestamps read whatever the DateStyle (see db.py).
+    with conn.cursor(row_factory=dict_row, binary=True) as cur:
         cur.execute(queries.with_source(queries.STALENESS, source_table), {"now": now})
         row = cur.fetchone()
     assert row is not None  # an aggregate always returns one row
@@ -183,7 +184,8 @@ def staleness(conn: db.Connection, source_table: str, now: datetime) -> Stalenes
 
 def run_history(conn: db.Connection, now: datetime) -> RunHistory:
     """The job's run numbers at ``now`` from availability_cron_runs, in one statement."""
-    with conn.cursor(row_factory=dict_row) as cur:
+    # Binary results: timestamps read whatever the DateStyle (see db.py).
+    with conn.cursor(row_factory=dict_row, binary=True) as cur:
         cur.execute(queries.RUN_HISTORY, {"since": now - RUN_WINDOW})
         row = cur.fetchone()
     assert row is not None
@@ -210,7 +212,8 @@ def workspace_staleness(
 ) -> list[WorkspaceStaleness]:
     """Every enabled workspace that has a cache row, by id (one row each: thousands)."""
     query = queries.with_source(queries.WORKSPACE_STALENESS, source_table)
-    with conn.cursor(row_factory=class_row(WorkspaceStaleness)) as cur:
+    # Binary results: timestamps read whatever the DateStyle (see db.py).
+    with conn.cursor(row_factory=class_row(WorkspaceStaleness), binary=True) as cur:
         cur.execute(query, {"now": now})
         return cur.fetchall()
 

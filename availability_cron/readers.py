@@ -49,7 +49,8 @@ class CacheRow:
 
 def get_cache(conn: psycopg.Connection[Any], workspace_id: str) -> CacheRow | None:
     """The cache row of ``workspace_id``, or None when it has never been attempted."""
-    with conn.cursor(row_factory=class_row(CacheRow)) as cur:
+    # Binary results: timestamps read whatever the DateStyle (see db.py).
+    with conn.cursor(row_factory=class_row(CacheRow), binary=True) as cur:
         cur.execute(queries.CACHE_ROW, {"workspace_id": workspace_id})
         return cur.fetchone()
 

@@ -686,7 +686,8 @@ class _Sweep:
 
 
 def fetch_due(conn: db.Connection, source: str, now: datetime, limit: int) -> list[DueCache]:
-    with conn.cursor(row_factory=class_row(DueCache)) as cur:
+    # Binary results: timestamps read whatever the DateStyle (see db.py).
+    with conn.cursor(row_factory=class_row(DueCache), binary=True) as cur:
         cur.execute(queries.with_source(queries.DUE_CACHES, source),
                     {"now": now, "limit": limit, **caps()})
         return cur.fetchall()
@@ -694,14 +695,16 @@ def fetch_due(conn: db.Connection, source: str, now: datetime, limit: int) -> li
 
 def fetch_missing(conn: db.Connection, source: str, limit: int) -> list[MissingWorkspace]:
     """Missing caches, without the rows that cannot be cached (source.fetch_invalid_rows)."""
-    with conn.cursor(row_factory=class_row(MissingWorkspace)) as cur:
+    # Binary results: timestamps read whatever the DateStyle (see db.py).
+    with conn.cursor(row_factory=class_row(MissingWorkspace), binary=True) as cur:
         cur.execute(queries.with_source(queries.MISSING_CACHES, source),
                     {"limit": limit, **caps()})
         return cur.fetchall()
 
 
 def fetch_workspace(conn: db.Connection, source: str, workspace_id: str) -> WorkspaceState | None:
-    with conn.cursor(row_factory=class_row(WorkspaceState)) as cur:
+    # Binary results: timestamps read whatever the DateStyle (see db.py).
+    with conn.cursor(row_factory=class_row(WorkspaceState), binary=True) as cur:
         cur.execute(queries.with_source(queries.ONE_WORKSPACE, source),
                     {"workspace_id": workspace_id, **caps()})
         return cur.fetchone()

@@ -48,7 +48,8 @@ class WorkspaceDetails:
 
 
 def fetch_details(conn: db.Connection, source: str, workspace_id: str) -> WorkspaceDetails | None:
-    with conn.cursor(row_factory=class_row(WorkspaceDetails)) as cur:
+    # Binary results: timestamps read whatever the DateStyle (see db.py).
+    with conn.cursor(row_factory=class_row(WorkspaceDetails), binary=True) as cur:
         cur.execute(queries.with_source(queries.WORKSPACE_DETAILS, source),
                     {"workspace_id": workspace_id, **caps()})
         return cur.fetchone()

@@ -9,7 +9,7 @@ from datetime import datetime
 
 import psycopg
 import pytest
-from helpers import add_cache, add_workspace, cache_row, make_runtime, make_settings
+from helpers import add_cache, add_run, add_workspace, cache_row, make_runtime, make_settings
 
 from availability_cron import errors, lock
 from availability_cron.providers import FetchRequest, Provider, RetryableProviderError
@@ -169,3 +169,59 @@ def test_run_ids_are_uuid7_prefixes_carrying_the_run_start():
     assert value.version == 7 and value.variant == "specified in RFC 4122"
     started = run_started_at(value.hex[:12])
     assert started is not None and int(started.timestamp() * 1000) == ms
+
+
+# --- database and role settings the job must not depend on (issue 8) ------------------------
+
+
+def alter_database(server_url: str, dbname: str, setting: str, value: str) -> None:
+    """ALTER DATABASE ... SET, as a DBA would: every new session of it starts with it."""
+    with psycopg.connect(server_url, autocommit=True) as admin:
+        admin.execute(psycopg.sql.SQL("ALTER DATABASE {} SET {} = {}").format(
+            psycopg.sql.Identifier(dbname), psycopg.sql.Identifier(setting),
+            psycopg.sql.Literal(value)))
+
+
+@pytest.mark.parametrize("datestyle", ["German, DMY", "SQL, DMY"])
+def test_a_non_iso_datestyle_on_the_database_changes_nothing_the_job_reads(
+    database_url, conn, server_url, datestyle
+):
+    from availability_cron import db, metrics, readers, show
+    from availability_cron.refresh import dry_run, refresh_workspace
+
+    add_workspace(conn, "ws-due")
+    add_cache(conn, "ws-due", stale_at=datetime(2020, 1, 1).astimezone(),
+              refreshed_at=datetime(2019, 12, 31).astimezone())
+    add_workspace(conn, "ws-new")
+    add_run(conn, started_at=datetime.now().astimezone(), refreshed=1)
+    alter_database(server_url, conn.info.dbname, "DateStyle", datestyle)
+    alter_database(server_url, conn.info.dbname, "IntervalStyle", "sql_standard")
+    settings = make_settings(database_url)
+    runtime = make_runtime(database_url)
+
+    planned = dry_run(settings, runtime, default_source=SOURCE)
+    assert [item.workspace_id for item in planned.plan.queue] == ["ws-new", "ws-due"]
+    # A run's lock holder (backend_start) is read too, by dry-run and `lock status`.
+    with psycopg.connect(database_url, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", (settings.lock_key,))
+        with db.connect(database_url, application_name="t", secrets=[]) as fresh:
+            assert fresh.execute("SHOW DateStyle").fetchone() == (datestyle,)
+            status = lock.status(fresh, settings.lock_name, now=datetime.now().astimezone())
+            assert status.holder is not None and status.holder.backend_start is not None
+    summary = run_refresh(settings, runtime, default_source=SOURCE)
+    assert summary.success and summary.refreshed == 2, summary
+    one = refresh_workspace(settings, runtime, "ws-due", default_source=SOURCE)
+    assert one.success and one.refreshed == 1, one
+    with db.connect(database_url, application_name="t", secrets=[]) as fresh:
+        now = datetime.now().astimezone()
+        report = metrics.staleness(fresh, SOURCE, now)
+        assert report.caches == 2 and report.runs.runs_24h == 1
+        assert report.runs.last_completed_run_at is not None
+        assert report.oldest_success_age_seconds is not None
+        assert len(metrics.workspace_staleness(fresh, SOURCE, now)) == 2
+        view = show.describe(fresh, SOURCE, "ws-due", now=now, environ={}, secrets=[])
+        assert view.as_json()["cache"] is not None
+        assert db.server_identity(fresh).server_started_at.tzinfo is not None
+        # The app-side reader too: apps on European installations read the cache with it.
+        cache = readers.get_cache(fresh, "ws-due")
+        assert cache is not None and cache.refreshed_at is not None
