@@ -44,6 +44,7 @@ from .errors import (
     DatabaseError,
     DatabaseUnavailable,
     NotPrimary,
+    ReadOnlySession,
     SchemaMissing,
     TransactionPooler,
 )
@@ -243,6 +244,43 @@ def ensure_primary(conn: Connection) -> None:
         raise NotPrimary()
 
 
+def ensure_writable(conn: Connection) -> None:
+    """Raise unless this session can write: NotPrimary on a hot standby, ReadOnlySession
+    when its transactions are read-only by default, naming the setting and where it was
+    set. Asked before the lock and before any provider is called: a run that could not
+    store its results must not make the calls."""
+    row = conn.execute(queries.SESSION_WRITABLE).fetchone()
+    assert row is not None
+    in_recovery, read_only, set_by, database, role = row
+    if in_recovery:
+        raise NotPrimary()
+    if read_only:
+        raise ReadOnlySession(
+            f"the database session is read-only: default_transaction_read_only is on "
+            f"({_read_only_origin(str(set_by), str(database), str(role))}), so nothing "
+            "could be written; refusing before the lock and before any provider is called"
+        )
+
+
+def _read_only_origin(source: str, database: str, role: str) -> str:
+    """Where default_transaction_read_only was set (pg_settings.source) and how to undo it."""
+    db_name, role_name = sql.Identifier(database), sql.Identifier(role)
+    fixes = {
+        "database": sql.SQL("ALTER DATABASE {} RESET default_transaction_read_only")
+        .format(db_name),
+        "user": sql.SQL("ALTER ROLE {} RESET default_transaction_read_only").format(role_name),
+        "database user": sql.SQL("ALTER ROLE {} IN DATABASE {} RESET "
+                                 "default_transaction_read_only").format(role_name, db_name),
+    }
+    where = {"database": "this database", "user": "this role",
+             "database user": "this role in this database"}
+    if source in fixes:
+        return f"set for {where[source]}: {fixes[source].as_string()}"
+    if source == "client":
+        return "set by the client: the connection's options or PGOPTIONS"
+    return f"set by the server's {source} (postgresql.conf or ALTER SYSTEM)"
+
+
 @dataclass(frozen=True)
 class ServerIdentity:
     """Which database, on which running server, a session reached."""
@@ -349,7 +387,7 @@ def migrate(conn: Connection) -> list[Migration]:
     Safe to run concurrently: a second `db migrate` waits for the first, then finds
     nothing left to do. Returns the migrations this call applied.
     """
-    ensure_primary(conn)
+    ensure_writable(conn)
     applied_now = []
     with conn.transaction():
         conn.execute(queries.MIGRATION_LOCK, {"key": MIGRATION_LOCK_KEY})

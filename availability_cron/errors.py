@@ -42,6 +42,10 @@ class NotPrimary(AvailabilityCronError):
     """The database is read-only (a hot standby?): point DATABASE_URL at the primary."""
 
 
+class ReadOnlySession(AvailabilityCronError):
+    """The database session is read-only (default_transaction_read_only is on)."""
+
+
 class ConnectionLost(AvailabilityCronError):
     """The database connection was lost in the middle of the run."""
 

@@ -43,6 +43,20 @@ RELATION_EXISTS = sql.SQL("SELECT to_regclass(%(name)s) IS NOT NULL")
 # A hot standby cannot take writes (nor hold a meaningful lock).
 IS_STANDBY = sql.SQL("SELECT pg_is_in_recovery()")
 
+# Can this session write? Not on a hot standby, nor when its transactions are read-only by
+# default (default_transaction_read_only, which a DBA may set for a database or a role);
+# pg_settings says where that was set, for the message.
+SESSION_WRITABLE = sql.SQL(
+    """
+    SELECT pg_is_in_recovery() AS in_recovery,
+           current_setting('transaction_read_only') = 'on' AS read_only,
+           (SELECT source FROM pg_settings WHERE name = 'default_transaction_read_only')
+               AS set_by,
+           current_database() AS database,
+           current_user::text AS role
+    """
+)
+
 PING = sql.SQL("SELECT 1")
 
 # Bound the statements of one transaction, and its idle gaps, by what is left of the run: a

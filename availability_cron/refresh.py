@@ -981,6 +981,9 @@ def run_refresh(
                 # pooler shares with the work connection, keeps nothing apart.
                 db.ensure_same_database(lock_conn, work)
                 db.ensure_primary(lock_conn)
+                # The work connection writes: it may have a role, or a pooler's database, of
+                # its own, and a read-only one must stop the run before any call.
+                db.ensure_writable(work)
                 db.ensure_schema(lock_conn, settings.source_table, default_source)
                 with lock.take(lock_conn, settings.lock_key) as taken:
                     if taken is None:
@@ -1057,7 +1060,7 @@ def refresh_workspace(
     """
     secrets = settings.secrets()
     with db.translate_errors(secrets), rt.connect("work") as work:
-        db.ensure_primary(work)
+        db.ensure_writable(work)
         db.ensure_schema(work, settings.source_table, default_source)
         state = fetch_workspace(work, settings.source_table, workspace_id)
         if state is None:

@@ -9,11 +9,20 @@ from datetime import datetime
 
 import psycopg
 import pytest
-from helpers import add_cache, add_run, add_workspace, cache_row, make_runtime, make_settings
+from helpers import (
+    add_cache,
+    add_run,
+    add_workspace,
+    cache_row,
+    clean_env,
+    make_runtime,
+    make_settings,
+    run_cli,
+)
 
 from availability_cron import errors, lock
 from availability_cron.providers import FetchRequest, Provider, RetryableProviderError
-from availability_cron.refresh import GRACE_SECONDS, _skipped, run_refresh
+from availability_cron.refresh import GRACE_SECONDS, _skipped, refresh_workspace, run_refresh
 
 SOURCE = "availability_workspaces"
 
@@ -187,7 +196,7 @@ def test_a_non_iso_datestyle_on_the_database_changes_nothing_the_job_reads(
     database_url, conn, server_url, datestyle
 ):
     from availability_cron import db, metrics, readers, show
-    from availability_cron.refresh import dry_run, refresh_workspace
+    from availability_cron.refresh import dry_run
 
     add_workspace(conn, "ws-due")
     add_cache(conn, "ws-due", stale_at=datetime(2020, 1, 1).astimezone(),
@@ -225,3 +234,65 @@ def test_a_non_iso_datestyle_on_the_database_changes_nothing_the_job_reads(
         # The app-side reader too: apps on European installations read the cache with it.
         cache = readers.get_cache(fresh, "ws-due")
         assert cache is not None and cache.refreshed_at is not None
+
+
+class CountingProvider(Provider):
+    """Counts its calls; every call succeeds with no slots."""
+
+    name = "counting"
+    calls = 0
+
+    def fetch(self, request: FetchRequest) -> Iterable[datetime]:
+        type(self).calls += 1
+        return []
+
+
+@pytest.mark.parametrize("scope", ["DATABASE", "ROLE"])
+def test_a_read_only_default_is_refused_before_any_provider_is_called_naming_the_setting(
+    database_url, conn, server_url, scope
+):
+    add_workspace(conn, "ws-1", provider="counting")
+    role = None
+    if scope == "DATABASE":
+        alter_database(server_url, conn.info.dbname, "default_transaction_read_only", "on")
+        url = database_url
+    else:  # the role the job connects as; the database stays writable for others
+        role = f"avc_ro_{conn.info.backend_pid}"
+        with psycopg.connect(server_url, autocommit=True) as admin:
+            admin.execute(psycopg.sql.SQL(
+                "CREATE ROLE {0} LOGIN SUPERUSER; ALTER ROLE {0} SET "
+                "default_transaction_read_only = on").format(psycopg.sql.Identifier(role)))
+        url = psycopg.conninfo.make_conninfo(database_url, user=role)
+    CountingProvider.calls = 0
+    try:
+        with pytest.raises(errors.ReadOnlySession) as info:
+            run_refresh(make_settings(url),
+                        make_runtime(url, providers={"counting": CountingProvider}),
+                        default_source=SOURCE)
+        with pytest.raises(errors.ReadOnlySession):
+            refresh_workspace(make_settings(url),
+                              make_runtime(url, providers={"counting": CountingProvider}),
+                              "ws-1", default_source=SOURCE)
+    finally:
+        if role is not None:
+            with psycopg.connect(server_url, autocommit=True) as admin:
+                admin.execute(psycopg.sql.SQL("DROP ROLE {}").format(
+                    psycopg.sql.Identifier(role)))
+    assert CountingProvider.calls == 0
+    message = info.value.message
+    assert "default_transaction_read_only" in message
+    assert ("ALTER DATABASE" if scope == "DATABASE" else "ALTER ROLE") in message
+    assert "standby" not in message
+
+
+def test_a_run_on_a_read_only_database_exits_1_naming_the_setting(
+    database_url, conn, server_url
+):
+    add_workspace(conn, "ws-1")
+    alter_database(server_url, conn.info.dbname, "default_transaction_read_only", "on")
+    result = run_cli("refresh", env=clean_env(DATABASE_URL=database_url))
+    assert result.returncode == 1, result
+    assert result.json()["attempted"] == 0
+    assert "default_transaction_read_only" in result.stderr
+    migrate = run_cli("db", "migrate", env=clean_env(DATABASE_URL=database_url))
+    assert migrate.returncode == 1 and "default_transaction_read_only" in migrate.stderr
