@@ -351,6 +351,7 @@ def ensure_schema(conn: Connection, source_table: str, default_source: str) -> N
             f"the database has {found}, this version needs {latest}: "
             "run `availability-cron db migrate`"
         )
+    _warn_shadowed(conn, source_table)
     quoted = sql.Identifier(*source_table.split(".")).as_string(conn)
     row = conn.execute(queries.RELATION_EXISTS, {"name": quoted}).fetchone()
     if not (row and row[0]):
@@ -361,6 +362,65 @@ def ensure_schema(conn: Connection, source_table: str, default_source: str) -> N
         raise ConfigError(
             f"AVAILABILITY_CRON_SOURCE_TABLE names {source_table!r}, "
             "which does not exist in this database"
+        )
+
+
+#: The relations `db migrate` creates, which every command finds by the search path.
+JOB_RELATIONS = ("availability_cron_migrations", "availability_cron_runs",
+                 "workspace_availability_cache", "availability_workspaces")
+
+
+def _warn_shadowed(conn: Connection, source_table: str) -> None:
+    """Log a WARNING for each of the job's relations found in two schemas on the search path.
+
+    The job's relations are not schema-qualified: an installation may keep them in a
+    schema of its own, first on the role's search_path. A second copy earlier on the path
+    (an old `db migrate` under another search_path built one) means this session uses a
+    table the app, with its own search_path, may not read.
+    """
+    names = list(JOB_RELATIONS)
+    if "." not in source_table:
+        names.append(source_table)
+    found = []
+    for relation, schemas in conn.execute(queries.SHADOWED_RELATIONS, {"names": names}):
+        used, *others = (sql.Identifier(s).as_string(conn) for s in schemas)
+        found.append(f"{used}.{sql.Identifier(relation).as_string(conn)} "
+                     f"(also in {', '.join(others)})")
+    if found:
+        log.warning(
+            "the search_path (%s) finds tables of the job in more than one schema; this "
+            "session uses %s, and an app with another search_path reads the other copies: "
+            "drop the copies not in use, or fix the role's search_path (docs/operations.md)",
+            _search_path(conn), ", ".join(found),
+        )
+
+
+def _search_path(conn: Connection) -> str:
+    row = conn.execute(queries.SEARCH_PATH).fetchone()
+    return str(row[0]) if row else "?"
+
+
+def _ensure_migration_target(conn: Connection) -> None:
+    """Raise ConfigError when `db migrate` would build a second schema: the migration ledger
+    already exists in a schema on the search path other than the one it would create in."""
+    row = conn.execute(queries.MIGRATION_TARGET).fetchone()
+    assert row is not None
+    target, search_path, ledgers = row
+    if target is None:
+        raise ConfigError(
+            f"db migrate: no schema on the search_path ({search_path}) exists, so there is "
+            "nowhere to create the tables: create one, or fix the role's search_path"
+        )
+    if ledgers and target not in ledgers:
+        quoted = sql.Identifier(target).as_string(conn)
+        found = sql.Identifier(ledgers[0]).as_string(conn)
+        raise ConfigError(
+            f"db migrate would create its tables in schema {quoted}, the first on the "
+            f"search_path ({search_path}), but the schema is already migrated in schema "
+            f"{found}, later on the path: the job would use a second, empty copy while the "
+            f"app reads {found}'s. Put {found} first on the search_path of the role that "
+            "runs the job (ALTER ROLE ... SET search_path), or run db migrate as a role "
+            "whose search_path does"
         )
 
 
@@ -391,6 +451,7 @@ def migrate(conn: Connection) -> list[Migration]:
     applied_now = []
     with conn.transaction():
         conn.execute(queries.MIGRATION_LOCK, {"key": MIGRATION_LOCK_KEY})
+        _ensure_migration_target(conn)
         conn.execute(queries.CREATE_MIGRATIONS_TABLE)
         done = {row[0] for row in conn.execute(queries.APPLIED_MIGRATIONS).fetchall()}
         for migration in available_migrations():

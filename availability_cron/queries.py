@@ -35,7 +35,40 @@ RECORD_MIGRATION = sql.SQL(
 # Is there a migration ledger at all? (Asked first: querying a missing table raises.)
 LEDGER_EXISTS = sql.SQL("SELECT to_regclass('availability_cron_migrations') IS NOT NULL")
 
+# Where `db migrate` would create its tables (the first existing schema on the search path),
+# and every schema on the path that already holds a migration ledger, in path order.
+MIGRATION_TARGET = sql.SQL(
+    """
+    SELECT current_schema() AS target,
+           current_setting('search_path') AS search_path,
+           array(SELECT p.name::text
+                   FROM unnest(current_schemas(false)) WITH ORDINALITY AS p(name, pos)
+                   JOIN pg_namespace AS n ON n.nspname = p.name
+                  WHERE EXISTS (SELECT 1 FROM pg_class AS c
+                                 WHERE c.relnamespace = n.oid
+                                   AND c.relname = 'availability_cron_migrations')
+                  ORDER BY p.pos) AS ledgers
+    """
+)
+
+# The job's relations found in more than one schema on the search path (the session uses
+# the first; an app with another search_path may read another copy), in path order.
+SHADOWED_RELATIONS = sql.SQL(
+    """
+    SELECT c.relname::text AS relation, array_agg(p.name::text ORDER BY p.pos) AS schemas
+      FROM unnest(current_schemas(false)) WITH ORDINALITY AS p(name, pos)
+      JOIN pg_namespace AS n ON n.nspname = p.name
+      JOIN pg_class AS c ON c.relnamespace = n.oid
+     WHERE c.relname = ANY(%(names)s) AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
+     GROUP BY c.relname
+    HAVING count(*) > 1
+     ORDER BY c.relname
+    """
+)
+
 SCHEMA_VERSION = sql.SQL("SELECT coalesce(max(version), 0) FROM availability_cron_migrations")
+
+SEARCH_PATH = sql.SQL("SELECT current_setting('search_path')")
 
 # Does a relation (table or view) of this name exist on the search path?
 RELATION_EXISTS = sql.SQL("SELECT to_regclass(%(name)s) IS NOT NULL")

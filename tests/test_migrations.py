@@ -10,6 +10,7 @@ from typing import Any
 import psycopg
 import pytest
 from helpers import CLI, add_workspace, cache_row, clean_env, run_cli
+from psycopg import sql
 
 from availability_cron import db
 
@@ -195,3 +196,67 @@ def test_the_stale_at_index_leads_with_stale_at(conn):
 
     leading = [name for name, definition in rows if "btree (stale_at" in definition]
     assert leading == ["workspace_availability_cache_stale_at_idx"], rows
+
+
+# --- the search_path (issue 8) -------------------------------------------------------------
+
+
+def tables_in(conn: psycopg.Connection[Any], schema: str) -> set[str]:
+    rows = conn.execute(
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = %s", (schema,)
+    ).fetchall()
+    return {row[0] for row in rows}
+
+
+def set_search_path(conn: psycopg.Connection[Any], path: str) -> None:
+    """A database whose sessions start with ``path`` (as ALTER ROLE ... SET would do)."""
+    conn.execute(sql.SQL("ALTER DATABASE {} SET search_path = {}").format(
+        sql.Identifier(conn.info.dbname), sql.SQL(path)))
+
+
+@pytest.mark.e2e
+def test_migrate_refuses_to_build_a_second_schema_before_the_ledger_on_the_search_path(
+    database_url, conn
+):
+    conn.execute("CREATE SCHEMA other")
+    set_search_path(conn, "other, public")
+
+    result = run_cli("db", "migrate", env=clean_env(DATABASE_URL=database_url))
+
+    assert result.returncode == 2, result
+    assert '"public"' in result.stderr and '"other"' in result.stderr
+    assert "search_path" in result.stderr
+    assert tables_in(conn, "other") == set()
+
+
+@pytest.mark.e2e
+def test_migrate_into_a_dedicated_schema_first_on_the_search_path_still_works(
+    empty_database_url,
+):
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA availability")
+        set_search_path(conn, "availability, public")
+    code, out, err = migrate_cli(empty_database_url)
+    again, _, again_err = migrate_cli(empty_database_url)
+    assert (code, again) == (0, 0), (err, again_err)
+    with psycopg.connect(empty_database_url, autocommit=True) as conn:
+        assert "availability_cron_migrations" in tables_in(conn, "availability")
+        assert tables_in(conn, "public") == set()
+
+
+def test_a_run_warns_when_a_table_of_the_job_exists_twice_on_the_search_path(
+    database_url, conn, caplog
+):
+    # The state the old `db migrate` left: a second, empty copy in another schema first on
+    # the path, where the job writes while the app reads public's.
+    conn.execute("CREATE SCHEMA other")
+    with psycopg.connect(database_url, autocommit=True) as forked:
+        forked.execute("SET search_path = other")
+        db.migrate(forked)
+    set_search_path(conn, "other, public")
+    caplog.set_level("WARNING", logger="availability_cron.db")
+    with db.connect(database_url, application_name="t", secrets=[]) as fresh:
+        db.ensure_schema(fresh, "availability_workspaces", "availability_workspaces")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any('"other"."workspace_availability_cache"' in w and '"public"' in w
+               for w in warnings), warnings
