@@ -527,6 +527,8 @@ def _print_dry_run_table(data: dict[str, Any]) -> None:
     console = Console()
     holder = data["holder"]
     held = f"yes, by pid {holder['pid']} ({holder['applicationName']})" if holder else "no"
+    if data["lockHeld"] is None:
+        held = "unknown (a hot standby: the lock lives on the primary)"
     console.print(
         f"dry run at {data['at']}: {data['planned']} planned "
         f"({data['missingPlanned']} missing, {data['stalePlanned']} stale; limit {data['limit']}); "

@@ -34,7 +34,7 @@ import psycopg
 from psycopg.rows import class_row
 
 from . import queries
-from .errors import NotPermitted, TransactionPooler
+from .errors import NotPermitted, NotPrimary, TransactionPooler
 
 log = logging.getLogger(__name__)
 
@@ -338,8 +338,31 @@ class LockStatus:
         }
 
 
+#: Why `lock status` and `lock release` refuse a hot standby, and a dry run there warns.
+STANDBY_HINT = (
+    "this server is a hot standby (pg_is_in_recovery()), and the refresh lock lives on the "
+    "primary, where runs take it: a standby never sees it held. Point "
+    "AVAILABILITY_CRON_LOCK_DATABASE_URL (else DATABASE_URL) at the primary"
+)
+
+
+def on_standby(conn: psycopg.Connection[Any]) -> bool:
+    """True when ``conn`` reached a hot standby, whose pg_locks cannot show the lock."""
+    row = conn.execute(queries.IS_STANDBY).fetchone()
+    return bool(row and row[0])
+
+
+def _refuse_standby(conn: psycopg.Connection[Any]) -> None:
+    if on_standby(conn):
+        raise NotPrimary(STANDBY_HINT)
+
+
 def status(conn: psycopg.Connection[Any], name: str, *, now: datetime) -> LockStatus:
-    """Who holds the lock named ``name`` in the database of ``conn`` (read-only)."""
+    """Who holds the lock named ``name`` in the database of ``conn`` (read-only).
+
+    Raises NotPrimary on a hot standby: "free" would be a guess there.
+    """
+    _refuse_standby(conn)
     row = conn.execute(queries.WHO_AM_I).fetchone()
     assert row is not None
     key = lock_key(name)
@@ -433,8 +456,10 @@ def release_stuck(
     (same pid and backend_start), after ``confirm(holder)`` returned True; then waits up
     to ``wait_seconds`` for that session to let go of the lock. Raises NotPermitted when
     the role may not terminate it (it needs superuser, membership in the holder's role,
-    or pg_signal_backend; only a superuser may end a superuser's session).
+    or pg_signal_backend; only a superuser may end a superuser's session), and NotPrimary
+    on a hot standby, which cannot see the primary's holder.
     """
+    _refuse_standby(conn)
     holder = find_holder(conn, key)
     if holder is None:
         return ReleaseResult(ReleaseOutcome.FREE, older_than, None)

@@ -1094,7 +1094,8 @@ class DryRun:
 
     at: datetime
     plan: Plan
-    lock_held: bool
+    #: None on a hot standby, which cannot see the primary's lock.
+    lock_held: bool | None
     holder: dict[str, object] | None
     limit: int
     #: Source rows breaking the contract on a key column (source.InvalidRows).
@@ -1141,11 +1142,16 @@ def dry_run(settings: Settings, rt: Runtime, *, default_source: str) -> DryRun:
             now=now,
         )
         invalid = warn_invalid_rows(conn, settings.source_table)
-        holder = lock.find_holder(conn, settings.lock_key)
+        if lock.on_standby(conn):  # the plan reads fine on a replica; the lock does not
+            log.warning("dry run: lockHeld is unknown: %s", lock.STANDBY_HINT)
+            holder, lock_held = None, None
+        else:
+            holder = lock.find_holder(conn, settings.lock_key)
+            lock_held = holder is not None
         return DryRun(
             at=now,
             plan=the_plan,
-            lock_held=holder is not None,
+            lock_held=lock_held,
             holder=holder.as_json() if holder else None,
             limit=settings.limit,
             invalid_source_rows=invalid,

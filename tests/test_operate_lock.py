@@ -327,3 +327,56 @@ def test_help_of_the_lock_commands_documents_exit_codes_and_the_lock_url(command
     text = " ".join(result.stdout.split())
     assert "Exit codes: 0" in text and " 1 " in text and " 2 " in text
     assert "AVAILABILITY_CRON_LOCK_DATABASE_URL" in text
+
+
+# --- on a hot standby (issue 8) -------------------------------------------------------------
+# Advisory locks live in one server's memory: a standby never sees the primary's lock.
+
+
+@pytest.fixture
+def held_on_primary(replicated) -> Iterator[psycopg.Connection[Any]]:
+    """The refresh lock, held on the primary by a real session for the test's duration."""
+    with psycopg.connect(replicated.primary_url, autocommit=True,
+                         application_name="availability-cron lock run=primaryrun") as conn:
+        conn.execute("SELECT pg_advisory_lock(%s)", (REFRESH_KEY,))
+        yield conn
+
+
+def test_lock_status_on_a_standby_refuses_saying_the_lock_lives_on_the_primary(
+    replicated, held_on_primary
+):
+    for env in (clean_env(DATABASE_URL=replicated.standby_url),
+                clean_env(DATABASE_URL=replicated.primary_url,
+                          AVAILABILITY_CRON_LOCK_DATABASE_URL=replicated.standby_url)):
+        result = run_cli("lock", "status", "--format", "json", env=env)
+        assert result.returncode == 1, result
+        assert result.stdout == ""
+        assert "standby" in result.stderr and "primary" in result.stderr
+    on_primary = run_cli("lock", "status", "--format", "json",
+                         env=clean_env(DATABASE_URL=replicated.primary_url))
+    assert on_primary.returncode == 0, on_primary
+    assert on_primary.json()["held"] is True
+
+
+def test_lock_release_on_a_standby_refuses_instead_of_saying_nobody_holds_the_lock(
+    replicated, held_on_primary
+):
+    result = run_cli("lock", "release", "--older-than", "1s", "--yes",
+                     env=clean_env(DATABASE_URL=replicated.standby_url))
+    assert result.returncode == 1, result
+    assert "nobody holds the lock" not in result.stderr + result.stdout
+    assert "standby" in result.stderr and "primary" in result.stderr
+    assert held_on_primary.execute(  # untouched
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()"
+    ).fetchone() == (1,)
+
+
+def test_a_dry_run_on_a_standby_plans_but_warns_that_it_cannot_see_the_lock(
+    replicated, held_on_primary
+):
+    result = run_cli("refresh", "--dry-run", "--format", "json",
+                     env=clean_env(DATABASE_URL=replicated.standby_url))
+    assert result.returncode == 0, result
+    report = result.json()
+    assert report["lockHeld"] is None and report["holder"] is None
+    assert "standby" in result.stderr and "primary" in result.stderr
