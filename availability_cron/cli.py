@@ -781,7 +781,7 @@ DATABASE_URL. A role without pg_read_all_stats cannot see other roles' sessions:
 holder then shows "visible": false and a hint.
 
 Exit codes: 0 answered, whether the lock is held or free; 1 the database cannot be
-reached; 2 bad usage or configuration.
+reached, or is a hot standby (the lock lives on the primary); 2 bad usage or configuration.
 """
 
 
@@ -822,7 +822,8 @@ stdin is not a terminal. Runbook: docs/operations.md.
 
 Exit codes: 0 the lock is free (the holder was ended, or nobody held it); 1 left alone
 (holder younger than --older-than, age not visible, declined), not permitted, still held,
-or the database cannot be reached; 2 bad usage or configuration (e.g. --older-than 5x).
+the database cannot be reached, or it is a hot standby; 2 bad usage or configuration (e.g.
+--older-than 5x).
 """
 
 
