@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from .errors import ConfigError
 from .redact import ping_url_secrets, redact_secret_url, redact_url, url_secrets
@@ -241,9 +241,14 @@ class Settings:
 
 
 def read_env_file(path: Path | None, cwd: Path) -> dict[str, str]:
-    """Read ``path`` (must exist) or ``cwd/.env`` (optional) without touching os.environ."""
-    from dotenv import dotenv_values
+    """Read ``path`` (must exist) or ``cwd/.env`` (optional) without touching os.environ.
 
+    Values are taken literally: ``${VAR}`` is not expanded (python-dotenv's default is to
+    expand it), because systemd's EnvironmentFile= reads the same file literally and a
+    password with a ``$`` must reach libpq the same way under cron and under systemd. A line
+    that cannot be parsed is a ConfigError naming the file and the line number, never the
+    line itself: it may hold a password.
+    """
     if path is None:
         candidate = cwd / ".env"
         if not candidate.is_file():
@@ -253,11 +258,35 @@ def read_env_file(path: Path | None, cwd: Path) -> dict[str, str]:
         raise ConfigError(f"--env-file {str(path)!r} does not exist or is not a file")
     try:
         with path.open(encoding="utf-8") as stream:
-            values = dotenv_values(stream=stream)
+            return _env_values(path, stream)
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise ConfigError(f"env file {str(path)!r} cannot be read: {reason}") from None
-    return {k: v for k, v in values.items() if v is not None}
+
+
+def _env_values(path: Path, stream: IO[str]) -> dict[str, str]:
+    """The bindings of an env file, as dotenv_values(interpolate=False) reads them (a later
+    line wins; ``NAME`` without ``=`` is skipped), refusing the first line it cannot parse.
+
+    python-dotenv's parser is used directly: dotenv_values only logs a warning for a bad
+    line, in another log format, and goes on without it.
+    """
+    from dotenv.parser import parse_stream
+
+    values: dict[str, str] = {}
+    for binding in parse_stream(stream):
+        if binding.error:
+            # A statement's text starts with the blank lines before it; its line is its first.
+            text = binding.original.string
+            line = binding.original.line + text[:len(text) - len(text.lstrip())].count("\n")
+            raise ConfigError(
+                f"env file {str(path)!r} line {line} cannot be parsed "
+                "(value not shown: it may hold a secret): write NAME=value, quoting a "
+                "value with ' or \""
+            )
+        if binding.key is not None and binding.value is not None:
+            values[binding.key] = binding.value
+    return values
 
 
 def load_settings(

@@ -184,6 +184,16 @@ def test_a_missing_database_url_exits_2_naming_database_url(args):
     assert_usage_error_naming(result, "DATABASE_URL")
 
 
+def test_an_unparseable_env_file_line_exits_2_naming_the_line_on_one_line(tmp_path):
+    (tmp_path / ".env").write_text(f"AVAILABILITY_CRON_CONCURRENCY=7\nDATABASE_URL {PASSWORD}\n")
+
+    result = run_cli("refresh", env=closed_port_env(), cwd=tmp_path)
+
+    assert_usage_error_naming(result, ".env", "line 2")
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert PASSWORD not in result.stderr
+
+
 def test_a_missing_env_file_exits_2(tmp_path):
     missing = tmp_path / "nope.env"
 

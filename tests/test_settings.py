@@ -273,6 +273,38 @@ def test_an_explicit_env_file_is_read_instead_of_the_dot_env(tmp_path):
     assert read_env_file(other, cwd=tmp_path) == {"AVAILABILITY_CRON_CONCURRENCY": "11"}
 
 
+def test_an_env_file_is_read_literally_without_variable_expansion(tmp_path, monkeypatch):
+    # systemd's EnvironmentFile= (the README's setup) reads the same file without expanding
+    # ${...}: a password with a $ must reach libpq as written, whichever way the job starts.
+    monkeypatch.setenv("HOME", "/root")
+    (tmp_path / ".env").write_text(
+        "DATABASE_URL=postgresql://u:s3cr${et}word@db/app\n"
+        "AVAILABILITY_CRON_LOCK_NAME=Pa${HOME}ss\n"
+        "AVC_TEST_DOUBLE_QUOTED=\"a${HOME}b\"\n"
+    )
+    assert read_env_file(None, cwd=tmp_path) == {
+        "DATABASE_URL": "postgresql://u:s3cr${et}word@db/app",
+        "AVAILABILITY_CRON_LOCK_NAME": "Pa${HOME}ss",
+        "AVC_TEST_DOUBLE_QUOTED": "a${HOME}b",
+    }
+
+
+def test_an_unparseable_env_file_line_is_a_config_error_naming_the_line_not_its_value(tmp_path):
+    env_file = tmp_path / "prod.env"
+    env_file.write_text(
+        "AVAILABILITY_CRON_CONCURRENCY=7\n"
+        "\n"
+        "DATABASE_URL='postgresql://u:hunter2secret@db/app\n"  # the closing quote is missing
+    )
+    with pytest.raises(ConfigError) as excinfo:
+        read_env_file(env_file, cwd=tmp_path)
+    assert excinfo.value.message == (
+        f"env file {str(env_file)!r} line 3 cannot be parsed (value not shown: it may hold a "
+        "secret): write NAME=value, quoting a value with ' or \""
+    )
+    assert "hunter2" not in excinfo.value.message
+
+
 # --- redaction ------------------------------------------------------------------------------
 
 
