@@ -72,6 +72,13 @@ def check_url(url: str, name: str = "DATABASE_URL") -> None:
         raise ConfigError(
             f"{name} is not a valid PostgreSQL connection string: {reason[:300]}"
         ) from None
+    except UnicodeDecodeError:
+        # psycopg decodes every value libpq hands back as UTF-8; the error quotes the bytes.
+        raise ConfigError(
+            f"{name} has a percent escape that is not UTF-8 text (such as %FF) in its user, "
+            "password, host, database name or a parameter: percent-encode the UTF-8 bytes "
+            "of each character (value not shown: it may contain a password)"
+        ) from None
     if redact.ambiguous_url(url):
         # libpq would read part of the password as a host, a port or a user name.
         raise ConfigError(

@@ -236,6 +236,37 @@ def test_a_url_libpq_cannot_parse_is_one_exit_2_line_that_quotes_no_part_of_the_
         assert piece not in result.stderr, result.stderr
 
 
+#: URLs whose percent escapes decode to bytes that are not UTF-8, which psycopg cannot read.
+NON_UTF8_URLS = {
+    "password": "postgresql://user:pw-%FF-nine@127.0.0.1:1/db",
+    "database name": "postgresql://user:pw-nine@127.0.0.1:1/d%FFb",
+    "application_name": "postgresql://user:pw-nine@127.0.0.1:1/db?application_name=a%C3",
+}
+
+
+@pytest.mark.parametrize("command", [("refresh",), ("config",), ("metrics",)])
+@pytest.mark.parametrize("case", list(NON_UTF8_URLS))
+def test_a_url_with_a_non_utf8_percent_escape_is_one_exit_2_line_without_the_password(
+    command, case
+):
+    result = run_cli(*command, env=clean_env(DATABASE_URL=NON_UTF8_URLS[case]))
+
+    assert_usage_error_naming(result, "DATABASE_URL", "UTF-8")
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert "pw-" not in result.stderr and "nine" not in result.stderr
+
+
+def test_a_lock_url_with_a_non_utf8_percent_escape_is_named_in_its_exit_2_line():
+    env = clean_env(DATABASE_URL=CLOSED_PORT_URL,
+                    AVAILABILITY_CRON_LOCK_DATABASE_URL="postgresql://u:lk-%FF@127.0.0.1:1/db")
+
+    result = run_cli("refresh", env=env)
+
+    assert_usage_error_naming(result, "AVAILABILITY_CRON_LOCK_DATABASE_URL", "UTF-8")
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert "lk-" not in result.stderr
+
+
 @pytest.mark.parametrize("url", [
     "postgresql://user:1234/ss-pw6@127.0.0.1:1/db",  # libpq: host user, port 1234
     "postgresql://localhost?password=pw-7@127.0.0.1:1/db",  # user localhost?password=pw-7
