@@ -236,6 +236,30 @@ def test_a_url_libpq_cannot_parse_is_one_exit_2_line_that_quotes_no_part_of_the_
         assert piece not in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize("url", [
+    "postgresql://u@host1,host2:5440/db",  # libpq: host1 on the default port, host2 on 5440
+    "postgresql://u@host1:5433,host2/db",
+    "postgresql://u@db.example/app?port=",
+    "host=host1,host2 port=,5440 dbname=app",
+])
+def test_an_empty_port_in_a_host_list_means_the_default_port_as_libpq_reads_it(url):
+    result = run_cli("config", "--format", "json", env=clean_env(DATABASE_URL=url))
+
+    assert result.returncode == 0, result.stderr
+    assert result.json()["settings"][0]["value"] == url
+
+
+@pytest.mark.parametrize(("url", "reason"), [
+    ("postgresql://u@127.0.0.1,127.0.0.1,127.0.0.1/db?port=1,1", "2 ports for 3 hosts"),
+    ("postgresql://u@127.0.0.1,127.0.0.1/db?port=1,%EF%BC%95", "invalid port"),  # fullwidth 5
+    ("postgresql://u@127.0.0.1,127.0.0.1/db?port=1,%20", "invalid port"),
+])
+def test_ports_libpq_would_refuse_when_connecting_are_exit_2_before_any_connection(url, reason):
+    result = run_cli("refresh", env=clean_env(DATABASE_URL=url))
+
+    assert_usage_error_naming(result, "DATABASE_URL", reason)
+
+
 #: URLs whose percent escapes decode to bytes that are not UTF-8, which psycopg cannot read.
 NON_UTF8_URLS = {
     "password": "postgresql://user:pw-%FF-nine@127.0.0.1:1/db",
