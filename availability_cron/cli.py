@@ -28,7 +28,15 @@ import typer  # noqa: E402
 from .errors import AvailabilityCronError, ConfigError  # noqa: E402
 from .ping import TIMEOUT_SECONDS as PING_TIMEOUT_SECONDS  # noqa: E402  (stdlib-only module)
 from .redact import scrub  # noqa: E402  (stdlib-only module)
-from .settings import SPEC_BY_FIELD, SPECS, Settings, load_settings, read_env_file  # noqa: E402
+from .settings import (  # noqa: E402
+    SPEC_BY_FIELD,
+    SPECS,
+    Settings,
+    load_settings,
+    parse_decimal,
+    parse_integer,
+    read_env_file,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -110,10 +118,29 @@ def _env_help(field: str) -> str:
     return f"{spec.help}{default} [env: {spec.env}]"
 
 
+def _ascii_number(parse: Callable[[str], Any], name: str) -> Callable[[str], Any]:
+    """A flag's parser for a number in ASCII digits (settings.parse_integer/parse_decimal):
+    Click's int and float take ５ and ٣ as digits, as Python does."""
+
+    def convert(raw: Any) -> Any:
+        if not isinstance(raw, str):  # a default, already a number
+            return raw
+        try:
+            return parse(raw)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+
+    convert.__name__ = name  # Typer names the metavar after it: <int>, <float>
+    return convert
+
+
 def _setting(field: str) -> Any:
     """The typer.Option of a setting: its flag, help and env var come from settings.SPECS."""
     spec = SPEC_BY_FIELD[field]
-    return typer.Option(spec.flag, help=_env_help(field), show_default=False)
+    kind = Settings.__annotations__[field]  # a string: the module uses postponed annotations
+    parser = (_ascii_number(parse_integer, "int") if kind == "int"
+              else _ascii_number(parse_decimal, "float") if kind == "float" else None)
+    return typer.Option(spec.flag, help=_env_help(field), show_default=False, parser=parser)
 
 
 EnvFile = Annotated[
@@ -578,7 +605,8 @@ MetricsFormatOption = Annotated[MetricsFormat, typer.Option(
 
 def _threshold(flag: str, level: str) -> Any:
     return typer.Option(
-        flag, metavar="MINUTES", show_default=False, help=f"Check mode (Nagios exit codes, see "
+        flag, metavar="MINUTES", show_default=False,
+        parser=_ascii_number(parse_decimal, "float"), help=f"Check mode (Nagios exit codes, see "
         f"above): {level} when the data age (oldest success, or oldest workspace never "
         f"refreshed), or the lock-skip streak read as minutes "
         "(one skipped run a minute), is above this many minutes. Equal is not above.")

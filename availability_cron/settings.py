@@ -29,10 +29,36 @@ SOURCES = ("flag", "environment", ".env", "default")
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
 
 
+# Numbers are ASCII only: Python's int() and float() also take other scripts' digits (５, ٣)
+# and stray underscores (int("_5") after removing them), which no shell script, systemd or
+# libpq reads as numbers. An integer may group its digits with single underscores (45_000).
+_INTEGER = re.compile(r"[+-]?[0-9]+(?:_[0-9]+)*")
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+_SPACE = " \t\n\v\f\r"
+
+
+def parse_integer(raw: str) -> int:
+    """An integer written in ASCII digits (single underscores between them allowed), with an
+    optional sign and surrounding space; ValueError otherwise."""
+    text = raw.strip(_SPACE)
+    if not _INTEGER.fullmatch(text):
+        raise ValueError(f"{raw!r} is not an integer")
+    return int(text)
+
+
+def parse_decimal(raw: str) -> float:
+    """A finite decimal number in ASCII digits (``0.25``, ``.5``, ``1e-3``), with an optional
+    sign and surrounding space; ValueError otherwise. ``-0`` is 0.0."""
+    text = raw.strip(_SPACE)
+    if not _DECIMAL.fullmatch(text):
+        raise ValueError(f"{raw!r} is not a number")
+    return float(text) + 0.0  # -0.0 + 0.0 is 0.0: `config` would show -0.0
+
+
 def _int_in(lo: int, hi: int) -> Callable[[str, str], int]:
     def parse(name: str, raw: str) -> int:
         try:
-            value = int(raw.strip().replace("_", ""))
+            value = parse_integer(raw)
         except ValueError:
             value = None
         if value is None or not lo <= value <= hi:
@@ -44,7 +70,7 @@ def _int_in(lo: int, hi: int) -> Callable[[str, str], int]:
 
 def _fraction(name: str, raw: str) -> float:
     try:
-        value = float(raw)
+        value = parse_decimal(raw)
     except ValueError:
         value = float("nan")
     if not 0.0 <= value <= 1.0:  # also rejects nan

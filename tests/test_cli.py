@@ -166,6 +166,27 @@ def test_a_non_integer_concurrency_flag_exits_2():
     assert "--concurrency" in result.stderr
 
 
+@pytest.mark.parametrize(("flag", "raw"), [("--concurrency", "５"), ("--limit", "٣"),
+                                         ("--limit", "1__0"), ("--limit", "_5"),
+                                         ("--missing-reserve", "０.５")])
+def test_a_number_flag_with_non_ascii_digits_or_odd_underscores_exits_2(flag, raw):
+    result = run_cli("config", flag, raw, env=clean_env())
+
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert result.stdout == ""
+    assert flag in result.stderr
+
+
+def test_config_shows_a_negative_zero_reserve_as_zero():
+    result = run_cli("config", "--format", "json", "--missing-reserve", "-0", env=clean_env())
+
+    assert result.returncode == 0, result.stderr
+    [reserve] = [s for s in result.json()["settings"]
+                 if s["name"] == "AVAILABILITY_CRON_MISSING_RESERVE"]
+    assert (reserve["value"], reserve["source"]) == (0.0, "flag")
+    assert '"value":-0' not in result.stdout
+
+
 @pytest.mark.parametrize("args", [("refresh", "--bogus"), ("metrics", "--bogus"),
                                   ("db", "migrate", "--bogus"), ("no-such-command",)])
 def test_an_unknown_option_or_command_exits_2(args):
