@@ -187,6 +187,32 @@ def test_config_shows_a_negative_zero_reserve_as_zero():
     assert '"value":-0' not in result.stdout
 
 
+@pytest.mark.parametrize("args", [
+    pytest.param(("refresh", "--bogus"), id="unknown-option"),
+    pytest.param(("refresh", "--format", "xml"), id="bad-choice"),
+    pytest.param(("refresh", "--concurrency", "abc"), id="not-an-integer"),
+    pytest.param(("refresh", "--limit"), id="missing-value"),
+    pytest.param(("lock", "release"), id="missing-required-option"),
+    pytest.param(("show", "ws-1", "ws-2"), id="extra-argument"),
+    pytest.param(("no-such-command",), id="unknown-command"),
+    pytest.param(("metrics", "--warn-afterr", "3"), id="unknown-option-near-check-mode"),
+])
+def test_a_usage_error_is_one_line_on_stderr_and_exit_2(args):
+    result = run_cli(*args, env=closed_port_env())
+
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert result.stdout == ""
+    [line] = result.stderr.splitlines()
+    assert line.startswith("availability-cron: error: "), line
+
+
+def test_no_command_still_prints_the_help():
+    result = run_cli(env=closed_port_env())
+
+    assert result.returncode == 2
+    assert "Usage: availability-cron" in result.stderr and "refresh" in result.stderr
+
+
 @pytest.mark.parametrize("args", [("refresh", "--bogus"), ("metrics", "--bogus"),
                                   ("db", "migrate", "--bogus"), ("no-such-command",)])
 def test_an_unknown_option_or_command_exits_2(args):
