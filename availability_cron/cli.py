@@ -11,12 +11,14 @@ import time
 
 _IMPORTED_MONOTONIC = time.monotonic()  # fallback for the process start time
 
+import functools  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
+import typing  # noqa: E402
 import uuid  # noqa: E402
 from contextlib import contextmanager, nullcontext  # noqa: E402
 from enum import IntEnum, StrEnum  # noqa: E402
@@ -134,12 +136,18 @@ def _ascii_number(parse: Callable[[str], Any], name: str) -> Callable[[str], Any
     return convert
 
 
+@functools.cache
+def _setting_types() -> dict[str, Any]:
+    """Settings' field types (int, float, str | None, ...), resolved once."""
+    return typing.get_type_hints(Settings)
+
+
 def _setting(field: str) -> Any:
     """The typer.Option of a setting: its flag, help and env var come from settings.SPECS."""
     spec = SPEC_BY_FIELD[field]
-    kind = Settings.__annotations__[field]  # a string: the module uses postponed annotations
-    parser = (_ascii_number(parse_integer, "int") if kind == "int"
-              else _ascii_number(parse_decimal, "float") if kind == "float" else None)
+    kind = _setting_types()[field]
+    parser = (_ascii_number(parse_integer, "int") if kind is int
+              else _ascii_number(parse_decimal, "float") if kind is float else None)
     return typer.Option(spec.flag, help=_env_help(field), show_default=False, parser=parser)
 
 

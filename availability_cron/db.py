@@ -95,17 +95,16 @@ def check_url(url: str, name: str = "DATABASE_URL") -> None:
 
 
 _PORT = re.compile(r"[0-9]+")
-_SPACE = " \t\n\v\f\r"  # C isspace(), which libpq skips around a number
 
 
 def _check_ports(params: dict[str, Any], name: str) -> None:
     """The ports as psycopg and libpq read them when connecting: a comma-separated list with
     one port for every host, or one for all; an empty entry is the default port (libpq's
-    rule: ``host1,host2:5440`` is host1 on the default port, host2 on 5440). ASCII digits only (a
-    space around them is allowed, as libpq's strtol allows it)."""
+    rule: ``host1,host2:5440`` is host1 on the default port, host2 on 5440). ASCII digits
+    only; space around them is allowed (libpq skips it)."""
     ports = str(params.get("port") or "").split(",")
     for port in ports:
-        if port and not (_PORT.fullmatch(port.strip(_SPACE)) and 1 <= int(port) <= 65535):
+        if port and not (_PORT.fullmatch(port.strip()) and 1 <= int(port) <= 65535):
             raise ConfigError(f"{name} has an invalid port {port!r}: expected 1 to 65535")
     hosts = max(len(str(params.get(key) or "").split(",")) for key in ("host", "hostaddr"))
     if 1 < len(ports) != hosts:

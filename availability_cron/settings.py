@@ -34,13 +34,12 @@ _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
 # libpq reads as numbers. An integer may group its digits with single underscores (45_000).
 _INTEGER = re.compile(r"[+-]?[0-9]+(?:_[0-9]+)*")
 _DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
-_SPACE = " \t\n\v\f\r"
 
 
 def parse_integer(raw: str) -> int:
     """An integer written in ASCII digits (single underscores between them allowed), with an
     optional sign and surrounding space; ValueError otherwise."""
-    text = raw.strip(_SPACE)
+    text = raw.strip()
     if not _INTEGER.fullmatch(text):
         raise ValueError(f"{raw!r} is not an integer")
     return int(text)
@@ -49,7 +48,7 @@ def parse_integer(raw: str) -> int:
 def parse_decimal(raw: str) -> float:
     """A finite decimal number in ASCII digits (``0.25``, ``.5``, ``1e-3``), with an optional
     sign and surrounding space; ValueError otherwise. ``-0`` is 0.0."""
-    text = raw.strip(_SPACE)
+    text = raw.strip()
     if not _DECIMAL.fullmatch(text):
         raise ValueError(f"{raw!r} is not a number")
     return float(text) + 0.0  # -0.0 + 0.0 is 0.0: `config` would show -0.0
