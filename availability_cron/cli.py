@@ -11,12 +11,14 @@ import time
 
 _IMPORTED_MONOTONIC = time.monotonic()  # fallback for the process start time
 
+import functools  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import socket  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
+import typing  # noqa: E402
 import uuid  # noqa: E402
 from contextlib import contextmanager, nullcontext  # noqa: E402
 from enum import IntEnum, StrEnum  # noqa: E402
@@ -28,7 +30,15 @@ import typer  # noqa: E402
 from .errors import AvailabilityCronError, ConfigError  # noqa: E402
 from .ping import TIMEOUT_SECONDS as PING_TIMEOUT_SECONDS  # noqa: E402  (stdlib-only module)
 from .redact import scrub  # noqa: E402  (stdlib-only module)
-from .settings import SPEC_BY_FIELD, SPECS, Settings, load_settings, read_env_file  # noqa: E402
+from .settings import (  # noqa: E402
+    SPEC_BY_FIELD,
+    SPECS,
+    Settings,
+    load_settings,
+    parse_decimal,
+    parse_integer,
+    read_env_file,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -110,10 +120,35 @@ def _env_help(field: str) -> str:
     return f"{spec.help}{default} [env: {spec.env}]"
 
 
+def _ascii_number(parse: Callable[[str], Any], name: str) -> Callable[[str], Any]:
+    """A flag's parser for a number in ASCII digits (settings.parse_integer/parse_decimal):
+    Click's int and float take ５ and ٣ as digits, as Python does."""
+
+    def convert(raw: Any) -> Any:
+        if not isinstance(raw, str):  # a default, already a number
+            return raw
+        try:
+            return parse(raw)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from None
+
+    convert.__name__ = name  # Typer names the metavar after it: <int>, <float>
+    return convert
+
+
+@functools.cache
+def _setting_types() -> dict[str, Any]:
+    """Settings' field types (int, float, str | None, ...), resolved once."""
+    return typing.get_type_hints(Settings)
+
+
 def _setting(field: str) -> Any:
     """The typer.Option of a setting: its flag, help and env var come from settings.SPECS."""
     spec = SPEC_BY_FIELD[field]
-    return typer.Option(spec.flag, help=_env_help(field), show_default=False)
+    kind = _setting_types()[field]
+    parser = (_ascii_number(parse_integer, "int") if kind is int
+              else _ascii_number(parse_decimal, "float") if kind is float else None)
+    return typer.Option(spec.flag, help=_env_help(field), show_default=False, parser=parser)
 
 
 EnvFile = Annotated[
@@ -580,7 +615,8 @@ MetricsFormatOption = Annotated[MetricsFormat, typer.Option(
 
 def _threshold(flag: str, level: str) -> Any:
     return typer.Option(
-        flag, metavar="MINUTES", show_default=False, help=f"Check mode (Nagios exit codes, see "
+        flag, metavar="MINUTES", show_default=False,
+        parser=_ascii_number(parse_decimal, "float"), help=f"Check mode (Nagios exit codes, see "
         f"above): {level} when the data age (oldest success, or oldest workspace never "
         f"refreshed), or the lock-skip streak read as minutes "
         "(one skipped run a minute), is above this many minutes. Equal is not above.")
@@ -644,10 +680,21 @@ def metrics(
         if thresholds is not None:  # Nagios: whatever stops the check is UNKNOWN
             _print_status(*nagios_unknown(message))
 
-    with _database(settings, "metrics", on_failure=unknown) as conn:
-        now = datetime.now(UTC)
-        report = staleness(conn, settings.source_table, now)
-        rows = workspace_staleness(conn, settings.source_table, now) if per_workspace else None
+    try:
+        with _database(settings, "metrics", on_failure=unknown) as conn:
+            now = datetime.now(UTC)
+            report = staleness(conn, settings.source_table, now)
+            rows = (workspace_staleness(conn, settings.source_table, now) if per_workspace
+                    else None)
+    except typer.Exit:
+        raise
+    except Exception as exc:
+        if thresholds is None:
+            raise
+        # Not one of ours (psycopg unable to read a value, say): still UNKNOWN with a line.
+        log.debug("unexpected error", exc_info=True)
+        _print_status(*nagios_unknown(scrub(f"unexpected error: {type(exc).__name__}: {exc}",
+                                            settings.secrets())))
     if thresholds is not None:
         _print_status(*nagios_check(report, *thresholds))
     if prometheus:
@@ -996,8 +1043,67 @@ def _print_config_table(report: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app(prog_name="availability-cron")
+    """Console-script entry point.
+
+    Errors found by the option parser (unknown option or command, bad or missing value) are
+    one line like every other error: ``availability-cron: error: <message>``, exit 2. In
+    check mode (``metrics --warn-after/--critical-after``) every failure is one Nagios status
+    line on stdout instead, UNKNOWN (3): an exit 2 with nothing on stdout reads as CRITICAL
+    "(No output)" to Nagios, an exit 1 as WARNING. --help, --version and the help printed
+    when no command is given are Click's own, unchanged.
+    """
+    args = sys.argv[1:]
+    check_mode = _check_mode(args)
+    errors = _click_exceptions()
+    try:
+        code = app(args=args, prog_name="availability-cron", standalone_mode=False)
+    except getattr(errors, "NoArgsIsHelpError", ()) as exc:  # Click >= 8.2: the help, exit 2
+        exc.show()
+        code = exc.exit_code
+    except errors.ClickException as exc:
+        code = _parser_error(" ".join(exc.format_message().split()), exc.exit_code, check_mode)
+    except typer.Abort:  # a prompt (lock release) got end-of-file or Ctrl-C
+        code = _parser_error("aborted", ExitCode.FAILURE, check_mode)
+    except Exception as exc:
+        if not check_mode:
+            raise
+        # The metrics command reports its own errors; this is a last resort, without the
+        # exception's text: the settings that say what to scrub from it are not known here.
+        import traceback
+
+        traceback.print_exc()
+        code = _parser_error(f"unexpected error: {type(exc).__name__} (traceback on stderr)",
+                             ExitCode.FAILURE, check_mode)
+    raise SystemExit(code or 0)
+
+
+def _check_mode(args: list[str]) -> bool:
+    """Whether the command line asks for the Nagios check: metrics with --warn-after or
+    --critical-after (as ``--warn-after 30`` or ``--warn-after=30``)."""
+    flags = {"--warn-after", "--critical-after"}
+    return args[:1] == ["metrics"] and any(a.split("=", 1)[0] in flags for a in args[1:])
+
+
+def _parser_error(message: str, code: int, check_mode: bool) -> int:
+    """Report an error caught outside a command on one line; return the exit code."""
+    if check_mode:
+        from .metrics import nagios_unknown
+
+        status, line = nagios_unknown(message)
+        sys.stdout.write(line + "\n")
+        return int(status)
+    sys.stderr.write(f"availability-cron: error: {message}\n")
+    return code
+
+
+def _click_exceptions() -> Any:
+    """Click's exceptions module: typer vendors Click as typer._click in recent versions."""
+    import importlib
+
+    try:
+        return importlib.import_module("typer._click.exceptions")
+    except ImportError:  # pragma: no cover - typer before vendoring Click
+        return importlib.import_module("click.exceptions")
 
 
 if __name__ == "__main__":

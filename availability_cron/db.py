@@ -82,20 +82,45 @@ def check_url(url: str, name: str = "DATABASE_URL") -> None:
         raise ConfigError(
             f"{name} is not a valid PostgreSQL connection string: {reason[:300]}"
         ) from None
+    except UnicodeDecodeError:
+        # psycopg decodes every value libpq hands back as UTF-8; the error quotes the bytes.
+        raise ConfigError(
+            f"{name} has a percent escape that is not UTF-8 text (such as %FF) in its user, "
+            "password, host, database name or a parameter: percent-encode the UTF-8 bytes "
+            "of each character (value not shown: it may contain a password)"
+        ) from None
     if redact.ambiguous_url(url):
         # libpq would read part of the password as a host, a port or a user name.
         raise ConfigError(
             f"{name} has an '@' that libpq would not read as the end of the user and "
             "password: percent-encode '/', '?' and '@' in them (/ is %2F, ? is %3F, @ is %40)"
         )
-    for port in str(params.get("port") or "5432").split(","):
-        if not (port.strip().isdigit() and 1 <= int(port) <= 65535):
-            raise ConfigError(f"{name} has an invalid port {port!r}: expected 1 to 65535")
+    _check_ports(params, name)
     sslmode = params.get("sslmode")
     if sslmode is not None and sslmode not in _SSLMODES:
         raise ConfigError(
             f"{name} has an invalid sslmode {sslmode!r}: expected one of "
             f"{', '.join(sorted(_SSLMODES))}"
+        )
+
+
+_PORT = re.compile(r"[0-9]+")
+
+
+def _check_ports(params: dict[str, Any], name: str) -> None:
+    """The ports as psycopg and libpq read them when connecting: a comma-separated list with
+    one port for every host, or one for all; an empty entry is the default port (libpq's
+    rule: ``host1,host2:5440`` is host1 on the default port, host2 on 5440). ASCII digits
+    only; space around them is allowed (libpq skips it)."""
+    ports = str(params.get("port") or "").split(",")
+    for port in ports:
+        if port and not (_PORT.fullmatch(port.strip()) and 1 <= int(port) <= 65535):
+            raise ConfigError(f"{name} has an invalid port {port!r}: expected 1 to 65535")
+    hosts = max(len(str(params.get(key) or "").split(",")) for key in ("host", "hostaddr"))
+    if 1 < len(ports) != hosts:
+        raise ConfigError(
+            f"{name} has {len(ports)} ports for {hosts} hosts: give one port for every host "
+            "(an empty one means the default port) or a single port for all of them"
         )
 
 

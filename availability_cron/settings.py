@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from .errors import ConfigError
 from .redact import ping_url_secrets, redact_secret_url, redact_url, url_secrets
@@ -29,10 +29,35 @@ SOURCES = ("flag", "environment", ".env", "default")
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
 
 
+# Numbers are ASCII only: Python's int() and float() also take other scripts' digits (５, ٣)
+# and stray underscores (int("_5") after removing them), which no shell script, systemd or
+# libpq reads as numbers. An integer may group its digits with single underscores (45_000).
+_INTEGER = re.compile(r"[+-]?[0-9]+(?:_[0-9]+)*")
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+def parse_integer(raw: str) -> int:
+    """An integer written in ASCII digits (single underscores between them allowed), with an
+    optional sign and surrounding space; ValueError otherwise."""
+    text = raw.strip()
+    if not _INTEGER.fullmatch(text):
+        raise ValueError(f"{raw!r} is not an integer")
+    return int(text)
+
+
+def parse_decimal(raw: str) -> float:
+    """A finite decimal number in ASCII digits (``0.25``, ``.5``, ``1e-3``), with an optional
+    sign and surrounding space; ValueError otherwise. ``-0`` is 0.0."""
+    text = raw.strip()
+    if not _DECIMAL.fullmatch(text):
+        raise ValueError(f"{raw!r} is not a number")
+    return float(text) + 0.0  # -0.0 + 0.0 is 0.0: `config` would show -0.0
+
+
 def _int_in(lo: int, hi: int) -> Callable[[str, str], int]:
     def parse(name: str, raw: str) -> int:
         try:
-            value = int(raw.strip().replace("_", ""))
+            value = parse_integer(raw)
         except ValueError:
             value = None
         if value is None or not lo <= value <= hi:
@@ -44,7 +69,7 @@ def _int_in(lo: int, hi: int) -> Callable[[str, str], int]:
 
 def _fraction(name: str, raw: str) -> float:
     try:
-        value = float(raw)
+        value = parse_decimal(raw)
     except ValueError:
         value = float("nan")
     if not 0.0 <= value <= 1.0:  # also rejects nan
@@ -241,9 +266,14 @@ class Settings:
 
 
 def read_env_file(path: Path | None, cwd: Path) -> dict[str, str]:
-    """Read ``path`` (must exist) or ``cwd/.env`` (optional) without touching os.environ."""
-    from dotenv import dotenv_values
+    """Read ``path`` (must exist) or ``cwd/.env`` (optional) without touching os.environ.
 
+    Values are taken literally: ``${VAR}`` is not expanded (python-dotenv's default is to
+    expand it), because systemd's EnvironmentFile= reads the same file literally and a
+    password with a ``$`` must reach libpq the same way under cron and under systemd. A line
+    that cannot be parsed is a ConfigError naming the file and the line number, never the
+    line itself: it may hold a password.
+    """
     if path is None:
         candidate = cwd / ".env"
         if not candidate.is_file():
@@ -253,11 +283,35 @@ def read_env_file(path: Path | None, cwd: Path) -> dict[str, str]:
         raise ConfigError(f"--env-file {str(path)!r} does not exist or is not a file")
     try:
         with path.open(encoding="utf-8") as stream:
-            values = dotenv_values(stream=stream)
+            return _env_values(path, stream)
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise ConfigError(f"env file {str(path)!r} cannot be read: {reason}") from None
-    return {k: v for k, v in values.items() if v is not None}
+
+
+def _env_values(path: Path, stream: IO[str]) -> dict[str, str]:
+    """The bindings of an env file, as dotenv_values(interpolate=False) reads them (a later
+    line wins; ``NAME`` without ``=`` is skipped), refusing the first line it cannot parse.
+
+    python-dotenv's parser is used directly: dotenv_values only logs a warning for a bad
+    line, in another log format, and goes on without it.
+    """
+    from dotenv.parser import parse_stream
+
+    values: dict[str, str] = {}
+    for binding in parse_stream(stream):
+        if binding.error:
+            # A statement's text starts with the blank lines before it; its line is its first.
+            text = binding.original.string
+            line = binding.original.line + text[:len(text) - len(text.lstrip())].count("\n")
+            raise ConfigError(
+                f"env file {str(path)!r} line {line} cannot be parsed "
+                "(value not shown: it may hold a secret): write NAME=value, quoting a "
+                "value with ' or \""
+            )
+        if binding.key is not None and binding.value is not None:
+            values[binding.key] = binding.value
+    return values
 
 
 def load_settings(

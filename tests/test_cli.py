@@ -166,6 +166,53 @@ def test_a_non_integer_concurrency_flag_exits_2():
     assert "--concurrency" in result.stderr
 
 
+@pytest.mark.parametrize(("flag", "raw"), [("--concurrency", "５"), ("--limit", "٣"),
+                                         ("--limit", "1__0"), ("--limit", "_5"),
+                                         ("--missing-reserve", "０.５")])
+def test_a_number_flag_with_non_ascii_digits_or_odd_underscores_exits_2(flag, raw):
+    result = run_cli("config", flag, raw, env=clean_env())
+
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert result.stdout == ""
+    assert flag in result.stderr
+
+
+def test_config_shows_a_negative_zero_reserve_as_zero():
+    result = run_cli("config", "--format", "json", "--missing-reserve", "-0", env=clean_env())
+
+    assert result.returncode == 0, result.stderr
+    [reserve] = [s for s in result.json()["settings"]
+                 if s["name"] == "AVAILABILITY_CRON_MISSING_RESERVE"]
+    assert (reserve["value"], reserve["source"]) == (0.0, "flag")
+    assert '"value":-0' not in result.stdout
+
+
+@pytest.mark.parametrize("args", [
+    pytest.param(("refresh", "--bogus"), id="unknown-option"),
+    pytest.param(("refresh", "--format", "xml"), id="bad-choice"),
+    pytest.param(("refresh", "--concurrency", "abc"), id="not-an-integer"),
+    pytest.param(("refresh", "--limit"), id="missing-value"),
+    pytest.param(("lock", "release"), id="missing-required-option"),
+    pytest.param(("show", "ws-1", "ws-2"), id="extra-argument"),
+    pytest.param(("no-such-command",), id="unknown-command"),
+    pytest.param(("metrics", "--warn-afterr", "3"), id="unknown-option-near-check-mode"),
+])
+def test_a_usage_error_is_one_line_on_stderr_and_exit_2(args):
+    result = run_cli(*args, env=closed_port_env())
+
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert result.stdout == ""
+    [line] = result.stderr.splitlines()
+    assert line.startswith("availability-cron: error: "), line
+
+
+def test_no_command_still_prints_the_help():
+    result = run_cli(env=closed_port_env())
+
+    assert result.returncode == 2
+    assert "Usage: availability-cron" in result.stderr and "refresh" in result.stderr
+
+
 @pytest.mark.parametrize("args", [("refresh", "--bogus"), ("metrics", "--bogus"),
                                   ("db", "migrate", "--bogus"), ("no-such-command",)])
 def test_an_unknown_option_or_command_exits_2(args):
@@ -182,6 +229,16 @@ def test_a_missing_database_url_exits_2_naming_database_url(args):
     result = run_cli(*args, env=clean_env())
 
     assert_usage_error_naming(result, "DATABASE_URL")
+
+
+def test_an_unparseable_env_file_line_exits_2_naming_the_line_on_one_line(tmp_path):
+    (tmp_path / ".env").write_text(f"AVAILABILITY_CRON_CONCURRENCY=7\nDATABASE_URL {PASSWORD}\n")
+
+    result = run_cli("refresh", env=closed_port_env(), cwd=tmp_path)
+
+    assert_usage_error_naming(result, ".env", "line 2")
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert PASSWORD not in result.stderr
 
 
 def test_a_missing_env_file_exits_2(tmp_path):
@@ -224,6 +281,61 @@ def test_a_url_libpq_cannot_parse_is_one_exit_2_line_that_quotes_no_part_of_the_
     assert len(result.stderr.splitlines()) == 1, result.stderr
     for piece in pieces:
         assert piece not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql://u@host1,host2:5440/db",  # libpq: host1 on the default port, host2 on 5440
+    "postgresql://u@host1:5433,host2/db",
+    "postgresql://u@db.example/app?port=",
+    "host=host1,host2 port=,5440 dbname=app",
+])
+def test_an_empty_port_in_a_host_list_means_the_default_port_as_libpq_reads_it(url):
+    result = run_cli("config", "--format", "json", env=clean_env(DATABASE_URL=url))
+
+    assert result.returncode == 0, result.stderr
+    assert result.json()["settings"][0]["value"] == url
+
+
+@pytest.mark.parametrize(("url", "reason"), [
+    ("postgresql://u@127.0.0.1,127.0.0.1,127.0.0.1/db?port=1,1", "2 ports for 3 hosts"),
+    ("postgresql://u@127.0.0.1,127.0.0.1/db?port=1,%EF%BC%95", "invalid port"),  # fullwidth 5
+    ("postgresql://u@127.0.0.1,127.0.0.1/db?port=1,%20", "invalid port"),
+])
+def test_ports_libpq_would_refuse_when_connecting_are_exit_2_before_any_connection(url, reason):
+    result = run_cli("refresh", env=clean_env(DATABASE_URL=url))
+
+    assert_usage_error_naming(result, "DATABASE_URL", reason)
+
+
+#: URLs whose percent escapes decode to bytes that are not UTF-8, which psycopg cannot read.
+NON_UTF8_URLS = {
+    "password": "postgresql://user:pw-%FF-nine@127.0.0.1:1/db",
+    "database name": "postgresql://user:pw-nine@127.0.0.1:1/d%FFb",
+    "application_name": "postgresql://user:pw-nine@127.0.0.1:1/db?application_name=a%C3",
+}
+
+
+@pytest.mark.parametrize("command", [("refresh",), ("config",), ("metrics",)])
+@pytest.mark.parametrize("case", list(NON_UTF8_URLS))
+def test_a_url_with_a_non_utf8_percent_escape_is_one_exit_2_line_without_the_password(
+    command, case
+):
+    result = run_cli(*command, env=clean_env(DATABASE_URL=NON_UTF8_URLS[case]))
+
+    assert_usage_error_naming(result, "DATABASE_URL", "UTF-8")
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert "pw-" not in result.stderr and "nine" not in result.stderr
+
+
+def test_a_lock_url_with_a_non_utf8_percent_escape_is_named_in_its_exit_2_line():
+    env = clean_env(DATABASE_URL=CLOSED_PORT_URL,
+                    AVAILABILITY_CRON_LOCK_DATABASE_URL="postgresql://u:lk-%FF@127.0.0.1:1/db")
+
+    result = run_cli("refresh", env=env)
+
+    assert_usage_error_naming(result, "AVAILABILITY_CRON_LOCK_DATABASE_URL", "UTF-8")
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert "lk-" not in result.stderr
 
 
 @pytest.mark.parametrize("url", [

@@ -453,6 +453,46 @@ def test_bad_options_in_check_mode_are_unknown_with_a_status_line(args):
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("args", [
+    pytest.param(("--warn-after", "x", "--critical-after", "60"), id="not-a-number"),
+    pytest.param(("--warn-after", "３", "--critical-after", "60"), id="non-ascii-digit"),
+    pytest.param(("--warn-after", "30", "--critical-after", "60", "--bogus"), id="unknown-flag"),
+    pytest.param(("--bogus", "--warn-after=30", "--critical-after=60"), id="unknown-flag-first"),
+    pytest.param(("--critical-after", "60", "--warn-after"), id="missing-value"),
+    pytest.param(("--warn-after", "30", "--critical-after", "60", "--format", "xml"),
+                 id="bad-choice"),
+    pytest.param(("--warn-after", "30", "--critical-after", "60", "extra"), id="extra-argument"),
+])
+def test_usage_errors_caught_by_the_option_parser_in_check_mode_are_unknown_with_a_status_line(
+    args
+):
+    # Nagios shows CRITICAL "(No output)" for an exit 2 with nothing on stdout.
+    result = run_cli("metrics", *args, env=clean_env(DATABASE_URL=CLOSED_PORT_URL))
+
+    assert result.returncode == 3, (result.stdout, result.stderr)
+    [line] = result.stdout.splitlines()
+    assert line.startswith("AVAILABILITY-CRON UNKNOWN - "), line
+
+
+@pytest.mark.e2e
+def test_an_unexpected_error_in_check_mode_is_unknown_with_a_status_line(database_url, conn):
+    # psycopg cannot read timestamps in the German DateStyle: an error that is not one of
+    # availability-cron's own must still give Nagios a status line, not a traceback and 1.
+    from psycopg import sql
+
+    fresh_cache(conn, "ws-1", timedelta(minutes=1))
+    conn.execute(sql.SQL("ALTER DATABASE {} SET DateStyle = 'German'").format(
+        sql.Identifier(conn.info.dbname)))
+
+    result = run_cli("metrics", "--warn-after", "30", "--critical-after", "60",
+                     env=db_env(database_url))
+
+    assert result.returncode == 3, (result.stdout, result.stderr)
+    [line] = result.stdout.splitlines()
+    assert line.startswith("AVAILABILITY-CRON UNKNOWN - unexpected error: "), line
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("args", [
     pytest.param(("--per-workspace",), id="per-workspace-without-prometheus"),
     pytest.param(("--textfile", "/nonexistent-dir/x.prom"), id="textfile-dir-missing"),
     pytest.param(("--textfile", "x.prom", "--format", "table"), id="textfile-with-table"),

@@ -152,6 +152,32 @@ def test_a_bad_flag_value_names_both_the_flag_and_the_variable(spec):
     assert f"{spec.flag} ({spec.env})" in excinfo.value.message
 
 
+@pytest.mark.parametrize("raw", ["５", "٣", "1__0", "_5", "5_", "1_0_", "0x10", "1e3"])
+def test_an_integer_setting_takes_ascii_digits_and_single_underscores_between_them_only(raw):
+    with pytest.raises(ConfigError) as excinfo:
+        load(environ={CONCURRENCY: raw})
+    assert excinfo.value.message == (
+        f"AVAILABILITY_CRON_CONCURRENCY must be an integer from 1 to 256, got {raw!r}"
+    )
+
+
+@pytest.mark.parametrize(("raw", "expected"), [("1_0", 10), (" 12 ", 12), ("+7", 7)])
+def test_an_integer_setting_accepts_digit_groups_a_sign_and_surrounding_space(raw, expected):
+    assert load(environ={CONCURRENCY: raw}).concurrency == expected
+
+
+@pytest.mark.parametrize("raw", ["٠.٥", "０.５", "0__.5", "0._5", "1_0e-1", "0x0"])
+def test_a_fraction_setting_takes_ascii_digits_only(raw):
+    with pytest.raises(ConfigError, match="AVAILABILITY_CRON_MISSING_RESERVE must be a number"):
+        load(environ={"AVAILABILITY_CRON_MISSING_RESERVE": raw})
+
+
+@pytest.mark.parametrize("raw", ["-0", "-0.0", "-0e3"])
+def test_a_negative_zero_fraction_is_zero(raw):
+    value = load(environ={"AVAILABILITY_CRON_MISSING_RESERVE": raw}).missing_reserve
+    assert (value, str(value)) == (0.0, "0.0")
+
+
 def test_a_bad_flag_value_wins_over_a_good_environment_value():
     with pytest.raises(ConfigError, match=r"--concurrency \(AVAILABILITY_CRON_CONCURRENCY\)"):
         load(flags={"concurrency": 0}, environ={CONCURRENCY: "5"})
@@ -271,6 +297,38 @@ def test_an_explicit_env_file_is_read_instead_of_the_dot_env(tmp_path):
     other = tmp_path / "prod.env"
     other.write_text("AVAILABILITY_CRON_CONCURRENCY=11\n")
     assert read_env_file(other, cwd=tmp_path) == {"AVAILABILITY_CRON_CONCURRENCY": "11"}
+
+
+def test_an_env_file_is_read_literally_without_variable_expansion(tmp_path, monkeypatch):
+    # systemd's EnvironmentFile= (the README's setup) reads the same file without expanding
+    # ${...}: a password with a $ must reach libpq as written, whichever way the job starts.
+    monkeypatch.setenv("HOME", "/root")
+    (tmp_path / ".env").write_text(
+        "DATABASE_URL=postgresql://u:s3cr${et}word@db/app\n"
+        "AVAILABILITY_CRON_LOCK_NAME=Pa${HOME}ss\n"
+        "AVC_TEST_DOUBLE_QUOTED=\"a${HOME}b\"\n"
+    )
+    assert read_env_file(None, cwd=tmp_path) == {
+        "DATABASE_URL": "postgresql://u:s3cr${et}word@db/app",
+        "AVAILABILITY_CRON_LOCK_NAME": "Pa${HOME}ss",
+        "AVC_TEST_DOUBLE_QUOTED": "a${HOME}b",
+    }
+
+
+def test_an_unparseable_env_file_line_is_a_config_error_naming_the_line_not_its_value(tmp_path):
+    env_file = tmp_path / "prod.env"
+    env_file.write_text(
+        "AVAILABILITY_CRON_CONCURRENCY=7\n"
+        "\n"
+        "DATABASE_URL='postgresql://u:hunter2secret@db/app\n"  # the closing quote is missing
+    )
+    with pytest.raises(ConfigError) as excinfo:
+        read_env_file(env_file, cwd=tmp_path)
+    assert excinfo.value.message == (
+        f"env file {str(env_file)!r} line 3 cannot be parsed (value not shown: it may hold a "
+        "secret): write NAME=value, quoting a value with ' or \""
+    )
+    assert "hunter2" not in excinfo.value.message
 
 
 # --- redaction ------------------------------------------------------------------------------
