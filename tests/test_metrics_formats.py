@@ -475,8 +475,22 @@ def test_usage_errors_caught_by_the_option_parser_in_check_mode_are_unknown_with
 
 @pytest.mark.e2e
 def test_an_unexpected_error_in_check_mode_is_unknown_with_a_status_line(database_url, conn):
-    # psycopg cannot read timestamps in the German DateStyle: an error that is not one of
-    # availability-cron's own must still give Nagios a status line, not a traceback and 1.
+    # A source view whose created_at is text breaks the contract for the whole relation:
+    # an error that is not one of availability-cron's own must still give Nagios a status
+    # line, not a traceback and 1. (The DateStyle crash that once served here is gone.)
+    fresh_cache(conn, "ws-1", timedelta(minutes=1))
+    conn.execute("CREATE VIEW textual AS SELECT workspace_id, provider, provider_config,"
+                 " enabled, created_at::text AS created_at FROM availability_workspaces")
+
+    result = run_cli("metrics", "--warn-after", "30", "--critical-after", "60",
+                     env=db_env(database_url, AVAILABILITY_CRON_SOURCE_TABLE="textual"))
+
+    assert result.returncode == 3, (result.stdout, result.stderr)
+    [line] = result.stdout.splitlines()
+    assert line.startswith("AVAILABILITY-CRON UNKNOWN - unexpected error: "), line
+
+
+def test_check_mode_reads_a_database_whose_datestyle_is_not_iso(database_url, conn):
     from psycopg import sql
 
     fresh_cache(conn, "ws-1", timedelta(minutes=1))
@@ -486,9 +500,8 @@ def test_an_unexpected_error_in_check_mode_is_unknown_with_a_status_line(databas
     result = run_cli("metrics", "--warn-after", "30", "--critical-after", "60",
                      env=db_env(database_url))
 
-    assert result.returncode == 3, (result.stdout, result.stderr)
-    [line] = result.stdout.splitlines()
-    assert line.startswith("AVAILABILITY-CRON UNKNOWN - unexpected error: "), line
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    assert result.stdout.startswith("AVAILABILITY-CRON OK - ")
 
 
 @pytest.mark.e2e
