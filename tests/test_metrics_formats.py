@@ -478,7 +478,7 @@ def test_an_unexpected_error_in_check_mode_is_unknown_with_a_status_line(databas
     # A source view whose created_at is text breaks the contract for the whole relation:
     # an error that is not one of availability-cron's own must still give Nagios a status
     # line, not a traceback and 1. (The DateStyle crash that once served here is gone.)
-    fresh_cache(conn, "ws-1", timedelta(minutes=1))
+    add_workspace(conn, "ws-never-refreshed")  # its age counts from created_at
     conn.execute("CREATE VIEW textual AS SELECT workspace_id, provider, provider_config,"
                  " enabled, created_at::text AS created_at FROM availability_workspaces")
 
