@@ -220,8 +220,15 @@ CONFIG_CHECK = sql.SQL(
     """
 )
 
+# Of several enabled source rows with one workspace_id (a view's join gone wrong), the
+# one used everywhere: created last (created_at DESC NULLS LAST), then by provider (NULLS
+# LAST); rows equal in both are interchangeable. INVALID_SOURCE_ROWS counts the others.
+# Filled into ``{one_row}`` by with_source, after an ORDER BY over the source as ``w``.
+ONE_ROW_ORDER = sql.SQL("w.created_at DESC NULLS LAST, w.provider NULLS LAST")
+
 # Due caches of enabled workspaces, stalest first. Never loads slots_utc, nor a
-# provider_config over the caps (NULL then, and provider_config_error says why).
+# provider_config over the caps (NULL then, and provider_config_error says why). One
+# source row per cache row (ONE_ROW_ORDER), probed per due cache along the stale_at index.
 DUE_CACHES = sql.SQL(
     """
     SELECT w.workspace_id, w.provider,
@@ -231,8 +238,12 @@ DUE_CACHES = sql.SQL(
       FROM (SELECT c.workspace_id, s.provider, s.provider_config, c.stale_at, c.refreshed_at,
                    c.consecutive_failures
               FROM workspace_availability_cache AS c
-              JOIN {source} AS s ON s.workspace_id = c.workspace_id
-             WHERE s.enabled AND c.stale_at <= %(now)s
+             CROSS JOIN LATERAL (SELECT w.provider, w.provider_config, w.created_at
+                                   FROM {source} AS w
+                                  WHERE w.workspace_id = c.workspace_id AND w.enabled
+                                  ORDER BY {one_row}
+                                  LIMIT 1) AS s
+             WHERE c.stale_at <= %(now)s
              ORDER BY c.stale_at, c.workspace_id
              LIMIT %(limit)s) AS w
      CROSS JOIN LATERAL ({config_check}) AS chk
@@ -243,7 +254,8 @@ DUE_CACHES = sql.SQL(
 # Enabled workspaces that have no cache row at all, oldest workspace first (a NULL
 # created_at last); provider_config as in DUE_CACHES. Rows that cannot be cached (a NULL
 # or over-long workspace_id; INVALID_SOURCE_ROWS counts them) are left out: they would
-# take slots of the limit, then fail the write of their whole batch.
+# take slots of the limit, then fail the write of their whole batch. A duplicated
+# workspace_id is one workspace (ONE_ROW_ORDER picks its row) and takes one slot.
 MISSING_CACHES = sql.SQL(
     """
     SELECT w.workspace_id, w.provider,
@@ -251,10 +263,14 @@ MISSING_CACHES = sql.SQL(
            chk.error AS provider_config_error,
            w.created_at
       FROM (SELECT s.workspace_id, s.provider, s.provider_config, s.created_at
-              FROM {source} AS s
-             WHERE s.enabled AND octet_length(s.workspace_id) <= %(max_workspace_id_bytes)s
-               AND NOT EXISTS (SELECT 1 FROM workspace_availability_cache AS c
-                                WHERE c.workspace_id = s.workspace_id)
+              FROM (SELECT DISTINCT ON (w.workspace_id)
+                           w.workspace_id, w.provider, w.provider_config, w.created_at
+                      FROM {source} AS w
+                     WHERE w.enabled
+                       AND octet_length(w.workspace_id) <= %(max_workspace_id_bytes)s
+                       AND NOT EXISTS (SELECT 1 FROM workspace_availability_cache AS c
+                                        WHERE c.workspace_id = w.workspace_id)
+                     ORDER BY w.workspace_id, {one_row}) AS s
              ORDER BY s.created_at NULLS LAST, s.workspace_id
              LIMIT %(limit)s) AS w
      CROSS JOIN LATERAL ({config_check}) AS chk
@@ -263,14 +279,16 @@ MISSING_CACHES = sql.SQL(
 )
 
 # Enabled source rows that break the contract on a key column: a NULL or over-long
-# workspace_id (no cache row can hold it: MISSING_CACHES leaves them out), or a NULL
-# created_at on a workspace without a cache row (planned last); and the first few of the
-# latter by id. Two scans of the source: the
+# workspace_id (no cache row can hold it: MISSING_CACHES leaves them out), a NULL
+# created_at on a workspace without a cache row (planned last; not when a duplicate is
+# dated: ONE_ROW_ORDER picks that one), and the rows of a duplicated workspace_id beyond
+# the one used; and the first few ids of the latter two. Three scans of the source: the
 # cache is probed (an anti-join) only for the rare rows with a NULL created_at; an OR
 # with a probe per row would also cost enough, on paper, to have the server JIT-compile it.
 INVALID_SOURCE_ROWS = sql.SQL(
     """
-    SELECT k.null_workspace_id, k.long_workspace_id, d.null_created_at, d.null_created_at_ids
+    SELECT k.null_workspace_id, k.long_workspace_id, d.null_created_at, d.null_created_at_ids,
+           g.duplicate_rows, g.duplicated_ids, g.duplicated_ids_named
       FROM (SELECT count(*) FILTER (WHERE w.workspace_id IS NULL) AS null_workspace_id,
                    count(*) FILTER (WHERE octet_length(w.workspace_id)
                                           > %(max_workspace_id_bytes)s) AS long_workspace_id
@@ -278,19 +296,33 @@ INVALID_SOURCE_ROWS = sql.SQL(
              WHERE w.enabled
                AND (w.workspace_id IS NULL
                     OR octet_length(w.workspace_id) > %(max_workspace_id_bytes)s)) AS k,
-           (SELECT count(*) AS null_created_at,
-                   coalesce((array_agg(w.workspace_id ORDER BY w.workspace_id))[1:%(named)s],
+           (SELECT count(DISTINCT w.workspace_id) AS null_created_at,
+                   coalesce((array_agg(DISTINCT w.workspace_id
+                                       ORDER BY w.workspace_id))[1:%(named)s],
                             '{{}}') AS null_created_at_ids
               FROM {source} AS w
              WHERE w.enabled AND w.created_at IS NULL
                AND octet_length(w.workspace_id) <= %(max_workspace_id_bytes)s
                AND NOT EXISTS (SELECT 1 FROM workspace_availability_cache AS c
-                                WHERE c.workspace_id = w.workspace_id)) AS d
+                                WHERE c.workspace_id = w.workspace_id)
+               AND NOT EXISTS (SELECT 1 FROM {source} AS x
+                                WHERE x.workspace_id = w.workspace_id AND x.enabled
+                                  AND x.created_at IS NOT NULL)) AS d,
+           (SELECT coalesce(sum(n.rows - 1), 0)::bigint AS duplicate_rows,
+                   count(*) AS duplicated_ids,
+                   coalesce((array_agg(n.workspace_id ORDER BY n.workspace_id))[1:%(named)s],
+                            '{{}}') AS duplicated_ids_named
+              FROM (SELECT w.workspace_id, count(*) AS rows
+                      FROM {source} AS w
+                     WHERE w.enabled
+                       AND octet_length(w.workspace_id) <= %(max_workspace_id_bytes)s
+                     GROUP BY w.workspace_id
+                    HAVING count(*) > 1) AS n) AS g
     """
 )
 
 # One workspace and the state of its cache, for `refresh --workspace`; provider_config as
-# in DUE_CACHES.
+# in DUE_CACHES. Of duplicated rows, an enabled one first, then as ONE_ROW_ORDER.
 ONE_WORKSPACE = sql.SQL(
     """
     SELECT w.workspace_id, w.provider,
@@ -303,6 +335,8 @@ ONE_WORKSPACE = sql.SQL(
       CROSS JOIN LATERAL ({config_check}) AS chk
       LEFT JOIN workspace_availability_cache AS c ON c.workspace_id = w.workspace_id
      WHERE w.workspace_id = %(workspace_id)s
+     ORDER BY w.enabled DESC NULLS LAST, {one_row}
+     LIMIT 1
     """
 )
 
@@ -379,11 +413,13 @@ PRUNE_RUNS = sql.SQL(
 # --- metrics --------------------------------------------------------------------------------
 
 # Staleness of enabled workspaces, measured from the last *successful* refresh. A source
-# row without a workspace_id is no workspace (INVALID_SOURCE_ROWS counts it).
+# row without a workspace_id is no workspace (INVALID_SOURCE_ROWS counts it), and a
+# duplicated one is one workspace, created when its latest row says (ONE_ROW_ORDER).
 STALENESS = sql.SQL(
     """
-    WITH w AS (SELECT workspace_id, created_at FROM {source}
-                WHERE enabled AND workspace_id IS NOT NULL),
+    WITH w AS (SELECT workspace_id, max(created_at) AS created_at FROM {source}
+                WHERE enabled AND workspace_id IS NOT NULL
+                GROUP BY workspace_id),
          c AS (SELECT c.stale_at, c.refreshed_at, c.range_start, c.last_error
                  FROM workspace_availability_cache AS c
                  JOIN w ON w.workspace_id = c.workspace_id)
@@ -457,16 +493,17 @@ RUN_HISTORY = sql.SQL(
 )
 
 # Per enabled workspace with a cache row: the `metrics --per-workspace` series. One row
-# per workspace (thousands): only ever run on request.
+# per workspace (thousands, each once however often the source repeats it): only ever
+# run on request.
 WORKSPACE_STALENESS = sql.SQL(
     """
-    SELECT w.workspace_id,
+    SELECT c.workspace_id,
            extract(epoch FROM %(now)s - c.refreshed_at)::float8 AS success_age_seconds,
            c.consecutive_failures
-      FROM {source} AS w
-      JOIN workspace_availability_cache AS c ON c.workspace_id = w.workspace_id
-     WHERE w.enabled
-     ORDER BY w.workspace_id
+      FROM workspace_availability_cache AS c
+     WHERE EXISTS (SELECT 1 FROM {source} AS w
+                    WHERE w.workspace_id = c.workspace_id AND w.enabled)
+     ORDER BY c.workspace_id
     """
 )
 
@@ -509,6 +546,8 @@ WORKSPACE_DETAILS = sql.SQL(
       CROSS JOIN LATERAL ({config_check}) AS chk
       LEFT JOIN workspace_availability_cache AS c ON c.workspace_id = w.workspace_id
      WHERE w.workspace_id = %(workspace_id)s
+     ORDER BY w.enabled DESC NULLS LAST, {one_row}
+     LIMIT 1
     """
 )
 
@@ -526,6 +565,7 @@ CACHE_ROW = sql.SQL(
 
 def with_source(query: sql.SQL, source_table: str) -> sql.Composed:
     """Fill ``{source}`` with the configured relation, quoted as an identifier, and
-    ``{config_check}`` (where used) with :data:`CONFIG_CHECK`."""
+    ``{config_check}`` and ``{one_row}`` (where used) with :data:`CONFIG_CHECK` and
+    :data:`ONE_ROW_ORDER`."""
     return query.format(source=sql.Identifier(*source_table.split(".")),
-                        config_check=CONFIG_CHECK)
+                        config_check=CONFIG_CHECK, one_row=ONE_ROW_ORDER)

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
@@ -181,12 +181,15 @@ def plan(
       short still starts them; then stale caches, stalest first (``stale_at``
       ascending, ties by id); then any extra missing entries.
     - Entries not yet due at ``now`` (a racing writer pushed them out) are dropped.
+    - Each workspace at most once: the reads return one row per workspace_id, but a cache
+      row written between them makes a workspace both missing and due (kept as missing).
     """
-    stale = sorted(
-        (d for d in due if d.stale_at <= now), key=lambda d: (d.stale_at, d.workspace_id)
-    )
-    new = sorted(missing, key=lambda m: (m.created_at is None, m.created_at or now,
-                                         m.workspace_id))
+    new = _first_of_each(sorted(missing, key=lambda m: (m.created_at is None,
+                                                        m.created_at or now, m.workspace_id)))
+    seen = {m.workspace_id for m in new}
+    stale = _first_of_each(sorted(
+        (d for d in due if d.stale_at <= now and d.workspace_id not in seen),
+        key=lambda d: (d.stale_at, d.workspace_id)))
     limit = max(0, limit)
 
     reserved = min(len(new), reserved_for_missing(limit, reserve))
@@ -207,6 +210,20 @@ def plan(
     ]
     queue += [as_missing(m) for m in new[reserved:reserved + extra_missing]]
     return Plan(queue=tuple(queue), missing_reserved=reserved)
+
+
+_Row = TypeVar("_Row", DueCache, MissingWorkspace)
+
+
+def _first_of_each(rows: Sequence[_Row]) -> list[_Row]:
+    """``rows`` without the later rows of a workspace_id that came before."""
+    seen: set[str] = set()
+    out = []
+    for row in rows:
+        if row.workspace_id not in seen:
+            seen.add(row.workspace_id)
+            out.append(row)
+    return out
 
 
 def success_stale_at(refreshed_at: datetime, ttl: timedelta, rng: random.Random) -> datetime:
