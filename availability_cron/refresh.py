@@ -1029,8 +1029,8 @@ def run_refresh(
 
 
 def stuck_after_seconds(settings: Settings) -> float:
-    """A holder older than this cannot be a healthy run (budget + grace, with room to spare)."""
-    return 2 * settings.time_budget_ms / 1000 + 60
+    """A holder older than this cannot be a healthy run (lock.stuck_after_seconds)."""
+    return lock.stuck_after_seconds(settings.time_budget_ms)
 
 
 def _skipped(settings: Settings, rt: Runtime, holder: lock.LockHolder | None) -> RunSummary:
@@ -1039,10 +1039,20 @@ def _skipped(settings: Settings, rt: Runtime, holder: lock.LockHolder | None) ->
     A skip is exit 0, but a holder older than stuck_after_seconds() means every run
     is being skipped by something that is not working (a wedged process, a vanished
     host): that is a real failure, reported as reason "lock-stuck" with exit 1.
+
+    A holder that is not an availability-cron run (an app's session that took the key)
+    is never judged stuck: its age is its session's (a pooled session may be days old
+    and have taken the key a moment ago), and PostgreSQL does not say since when it has
+    held the lock. The run is skipped as "locked", with a WARNING naming the holder; one
+    that keeps the lock shows as a growing lockSkipStreak in `metrics`.
     """
     held = holder.held_for_seconds if holder else None
     limit = stuck_after_seconds(settings)
-    if held is not None and held > limit:
+    if holder is not None and holder.foreign and holder.visible:
+        log.warning("the refresh lock is held by backend pid %s (%s), which is not an "
+                    "availability-cron run; skipping this run", holder.pid,
+                    holder.application_name or "no application name")
+    elif held is not None and held > limit:
         assert holder is not None
         log.error("the lock has been held by pid %s for %.0fs", holder.pid, held)
         return _summary(
@@ -1053,7 +1063,8 @@ def _skipped(settings: Settings, rt: Runtime, holder: lock.LockHolder | None) ->
                    f"({limit:.0f}s); if that process is wedged, end it with "
                    f"SELECT pg_terminate_backend({holder.pid})"),
         )
-    log.info("another run holds the lock; skipping")
+    else:
+        log.info("another run holds the lock; skipping")
     return _summary(
         settings, rt, success=True, skipped=True, reason="locked", finished_within_budget=True,
         holder=holder.as_json() if holder else None,
