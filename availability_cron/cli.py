@@ -861,16 +861,21 @@ LOCK_RELEASE_HELP = """End the session holding the refresh lock for longer than 
 
 For a holder stuck past any run's budget: a wedged process, or a host gone without
 closing its connection. A younger holder, or one whose age this role cannot see, is left
-alone. Otherwise its backend is ended with pg_terminate_backend (logged at WARNING with its
-pid, application name and age), the lock is checked to be free, and what was done is
-printed as JSON. The role needs superuser, membership in the holder's role, or
-pg_signal_backend. Asks first at a terminal; --yes answers for you and is required when
-stdin is not a terminal. Runbook: docs/operations.md.
+alone. Without --force, nothing is done when --older-than is below the lock-stuck
+threshold (2 x AVAILABILITY_CRON_TIME_BUDGET_MS + 60 s: a healthy run may be that old),
+and a holder that is not an availability-cron run (an app's session that took the key;
+its age is its session's, not the lock's) is left alone. Otherwise its backend is ended
+with pg_terminate_backend (logged at WARNING with its pid, application name and age),
+the lock is checked to be free, and what was done is printed as JSON. The role needs
+superuser, membership in the holder's role, or pg_signal_backend. Asks first at a
+terminal; --yes answers for you and is required when stdin is not a terminal. Runbook:
+docs/operations.md.
 
 Exit codes: 0 the lock is free (the holder was ended, or nobody held it); 1 left alone
-(holder younger than --older-than, age not visible, declined), not permitted, still held,
-the database cannot be reached, or it is a hot standby; 2 bad usage or configuration (e.g.
---older-than 5x).
+(holder younger than --older-than, age not visible, declined; without --force: a bound
+below the lock-stuck threshold, a holder that is not an availability-cron run), not
+permitted, still held, the database cannot be reached, or it is a hot standby; 2 bad usage
+or configuration (e.g. --older-than 5x).
 """
 
 
@@ -882,6 +887,9 @@ def lock_release(
         "and one unit, s, m, h or d (90s, 10m, 2h).")],
     yes: Annotated[bool, typer.Option(
         "--yes", help="Do not ask before terminating the holder.")] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Also with --older-than below the lock-stuck threshold, and for a "
+        "holder that is not an availability-cron run.")] = False,
     output: Format = OutputFormat.auto,
     lock_name: LockName = None,
     env_file: EnvFile = None,
@@ -909,7 +917,9 @@ def lock_release(
             f"the lock for {holder.held_for_seconds or 0:.0f}s?", err=True)
 
     with _database(settings, "lock-release", schema=False, lock_url=True) as conn:
-        result = lock.release_stuck(conn, settings.lock_key, older_than=bound, confirm=confirm)
+        result = lock.release_stuck(
+            conn, settings.lock_key, older_than=bound, confirm=confirm, force=force,
+            stuck_after=lock.stuck_after_seconds(settings.time_budget_ms))
     report = result.as_json()
     if _resolve_format(output) is OutputFormat.table:
         _print_table(f"lock {settings.lock_name!r} release", _flat(report))

@@ -135,6 +135,14 @@ class LockHolder:
             "visible": self.visible,
         }
 
+    @property
+    def foreign(self) -> bool:
+        """Not an availability-cron run: its application_name does not parse as one (an
+        app's session that took the key, or one this role cannot see). Its
+        held_for_seconds is then its *session's* age, which says nothing of how long it
+        has held the lock."""
+        return _APPLICATION_NAME.match(self.application_name or "") is None
+
     def run(self) -> dict[str, object] | None:
         """runId, OS pid and host parsed from our application_name; None for a foreign one."""
         match = _APPLICATION_NAME.match(self.application_name or "")
@@ -196,6 +204,13 @@ def _iso(value: datetime | None) -> str | None:
 
 def _quote_ident(name: str) -> str:
     return name if re.fullmatch(r"[a-z_][a-z0-9_$]*", name) else '"' + name.replace('"', '""') + '"'
+
+
+def stuck_after_seconds(time_budget_ms: int) -> float:
+    """A run holding the lock longer than this cannot be healthy (budget + grace, with room
+    to spare): the lock-stuck verdict of `refresh`, and the least `lock release` takes
+    without --force."""
+    return 2 * time_budget_ms / 1000 + 60
 
 
 def find_holder(conn: psycopg.Connection[Any], key: int) -> LockHolder | None:
@@ -375,6 +390,11 @@ class ReleaseOutcome(StrEnum):
 
     #: Nobody held the lock: nothing to do.
     FREE = "free"
+    #: --older-than is below the lock-stuck threshold (a healthy run may be that old),
+    #: and --force was not given: nothing done.
+    BELOW_STUCK = "below-stuck-threshold"
+    #: The holder is not an availability-cron run, and --force was not given: left alone.
+    FOREIGN = "foreign-holder"
     #: The holder is younger than the bound: left alone.
     TOO_YOUNG = "too-young"
     #: This role cannot see the holder's age (pg_read_all_stats): left alone.
@@ -398,6 +418,8 @@ class ReleaseResult:
     holder: LockHolder | None
     #: Who holds the lock after the termination: a new run may have taken it at once.
     now_held_by: LockHolder | None = None
+    #: The lock-stuck threshold (stuck_after_seconds), when it was checked.
+    stuck_after: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -416,6 +438,13 @@ class ReleaseResult:
             f"the lock is now held by backend pid {now.pid} ({now.application_name})")
         return {
             ReleaseOutcome.FREE: "nobody holds the lock: nothing to release",
+            ReleaseOutcome.BELOW_STUCK: f"--older-than {bound} is below the lock-stuck "
+            f"threshold of {self.stuck_after or 0:.0f}s (2 x the time budget + 60s): a healthy "
+            "run may hold the lock that long; nothing done (pass --force to end a holder "
+            "younger than that)",
+            ReleaseOutcome.FOREIGN: f"{who} holds the lock, but it is not an availability-cron "
+            "run (its age is its session's, not the lock's): left alone (pass --force to end "
+            "it anyway)",
             ReleaseOutcome.TOO_YOUNG: f"{who} has held the lock for {age}, less than "
             f"--older-than {bound}: left alone",
             ReleaseOutcome.AGE_UNKNOWN: f"{who} holds the lock, but this role cannot see for "
@@ -434,6 +463,7 @@ class ReleaseResult:
             "message": self.describe(),
             "terminated": self.outcome in (ReleaseOutcome.TERMINATED, ReleaseOutcome.STILL_HELD),
             "olderThanSeconds": self.older_than.total_seconds(),
+            "stuckAfterSeconds": self.stuck_after,
             "holder": self.holder.details_json() if self.holder else None,
             "nowHeldBy": self.now_held_by.as_json() if self.now_held_by else None,
         }
@@ -445,30 +475,44 @@ def release_stuck(
     *,
     older_than: timedelta,
     confirm: Callable[[LockHolder], bool],
+    stuck_after: float | None = None,
+    force: bool = False,
     wait_seconds: float = 5.0,
     monotonic: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> ReleaseResult:
     """End the session holding the lock if it has held it longer than ``older_than``.
 
-    Never touches a younger holder, nor one whose age this role cannot see. The
-    termination (``pg_terminate_backend``) only hits the very session that was judged
-    (same pid and backend_start), after ``confirm(holder)`` returned True; then waits up
-    to ``wait_seconds`` for that session to let go of the lock. Raises NotPermitted when
+    Never touches a younger holder, nor one whose age this role cannot see. Unless
+    ``force``: touches nothing at all when ``older_than`` is below ``stuck_after`` (the
+    lock-stuck threshold; a healthy run may be that old), and never a holder that is not
+    an availability-cron run (LockHolder.foreign). The termination
+    (``pg_terminate_backend``) only hits the very session that was judged (same pid and
+    backend_start), after ``confirm(holder)`` returned True; then waits up to
+    ``wait_seconds`` for that session to let go of the lock. Raises NotPermitted when
     the role may not terminate it (it needs superuser, membership in the holder's role,
     or pg_signal_backend; only a superuser may end a superuser's session), and NotPrimary
     on a hot standby, which cannot see the primary's holder.
     """
     _refuse_standby(conn)
     holder = find_holder(conn, key)
+
+    def result(outcome: ReleaseOutcome, now_held_by: LockHolder | None = None) -> ReleaseResult:
+        return ReleaseResult(outcome, older_than, holder, now_held_by, stuck_after)
+
+    # Refused whoever holds the lock, or nobody: the bound itself is the mistake.
+    if not force and stuck_after is not None and older_than.total_seconds() < stuck_after:
+        return result(ReleaseOutcome.BELOW_STUCK)
     if holder is None:
-        return ReleaseResult(ReleaseOutcome.FREE, older_than, None)
+        return result(ReleaseOutcome.FREE)
     if holder.held_for_seconds is None or holder.backend_start is None:
-        return ReleaseResult(ReleaseOutcome.AGE_UNKNOWN, older_than, holder)
+        return result(ReleaseOutcome.AGE_UNKNOWN)
+    if not force and holder.foreign:
+        return result(ReleaseOutcome.FOREIGN)
     if holder.held_for_seconds < older_than.total_seconds():
-        return ReleaseResult(ReleaseOutcome.TOO_YOUNG, older_than, holder)
+        return result(ReleaseOutcome.TOO_YOUNG)
     if not confirm(holder):
-        return ReleaseResult(ReleaseOutcome.DECLINED, older_than, holder)
+        return result(ReleaseOutcome.DECLINED)
 
     log.warning(
         "terminating backend pid %s (%s), which has held the lock %s for %.0fs (bound %.0fs)",
@@ -490,8 +534,7 @@ def release_stuck(
         ) from None
     if row is None or not row[0]:
         log.warning("backend pid %s no longer held the lock; nothing terminated", holder.pid)
-        return ReleaseResult(ReleaseOutcome.GONE, older_than, holder,
-                             now_held_by=find_holder(conn, key))
+        return result(ReleaseOutcome.GONE, find_holder(conn, key))
 
     deadline = monotonic() + wait_seconds
     while True:
@@ -499,9 +542,9 @@ def release_stuck(
         if now_held_by is None or now_held_by.pid != holder.pid:
             log.warning("backend pid %s terminated; the lock is %s", holder.pid,
                         "free" if now_held_by is None else f"now held by pid {now_held_by.pid}")
-            return ReleaseResult(ReleaseOutcome.TERMINATED, older_than, holder, now_held_by)
+            return result(ReleaseOutcome.TERMINATED, now_held_by)
         if monotonic() >= deadline:
             log.error("backend pid %s was told to terminate but still holds the lock after "
                       "%.0fs", holder.pid, wait_seconds)
-            return ReleaseResult(ReleaseOutcome.STILL_HELD, older_than, holder, now_held_by)
+            return result(ReleaseOutcome.STILL_HELD, now_held_by)
         sleep(0.05)

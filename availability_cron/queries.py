@@ -267,19 +267,30 @@ CONFIG_CHECK = sql.SQL(
     """
 )
 
+# Of several enabled source rows with one workspace_id (a view's join gone wrong), the
+# one used everywhere: created last (created_at DESC NULLS LAST), then by provider (NULLS
+# LAST); rows equal in both are interchangeable. INVALID_SOURCE_ROWS counts the others.
+# Filled into ``{one_row}`` by with_source, after an ORDER BY over the source as ``w``.
+ONE_ROW_ORDER = sql.SQL("w.created_at DESC NULLS LAST, w.provider NULLS LAST")
+
 # Due caches of enabled workspaces, stalest first. Never loads slots_utc, nor a
-# provider_config over the caps (NULL then, and provider_config_error says why).
+# provider_config over the caps (NULL then, and provider_config_error says why). One
+# source row per cache row (ONE_ROW_ORDER), probed per due cache along the stale_at index.
 DUE_CACHES = sql.SQL(
     """
     SELECT w.workspace_id, w.provider,
            CASE WHEN chk.error IS NULL THEN w.provider_config END AS provider_config,
            chk.error AS provider_config_error,
-           w.stale_at, w.refreshed_at, w.consecutive_failures
+           w.stale_at, w.refreshed_at, w.consecutive_failures, w.created_at
       FROM (SELECT c.workspace_id, s.provider, s.provider_config, c.stale_at, c.refreshed_at,
-                   c.consecutive_failures
+                   c.consecutive_failures, s.created_at
               FROM workspace_availability_cache AS c
-              JOIN {source} AS s ON s.workspace_id = c.workspace_id
-             WHERE s.enabled AND c.stale_at <= %(now)s
+             CROSS JOIN LATERAL (SELECT w.provider, w.provider_config, w.created_at
+                                   FROM {source} AS w
+                                  WHERE w.workspace_id = c.workspace_id AND w.enabled
+                                  ORDER BY {one_row}
+                                  LIMIT 1) AS s
+             WHERE c.stale_at <= %(now)s
              ORDER BY c.stale_at, c.workspace_id
              LIMIT %(limit)s) AS w
      CROSS JOIN LATERAL ({config_check}) AS chk
@@ -290,7 +301,10 @@ DUE_CACHES = sql.SQL(
 # Enabled workspaces that have no cache row at all, oldest workspace first (a NULL
 # created_at last); provider_config as in DUE_CACHES. Rows that cannot be cached (a NULL
 # or over-long workspace_id; INVALID_SOURCE_ROWS counts them) are left out: they would
-# take slots of the limit, then fail the write of their whole batch.
+# take slots of the limit, then fail the write of their whole batch. A duplicated
+# workspace_id is one workspace (ONE_ROW_ORDER picks its row) and takes one slot. A cache
+# row left by an older workspace with the same id (workspace_created_at before this one's
+# created_at: the id was reused) is no cache of this one: it is missing.
 MISSING_CACHES = sql.SQL(
     """
     SELECT w.workspace_id, w.provider,
@@ -298,10 +312,17 @@ MISSING_CACHES = sql.SQL(
            chk.error AS provider_config_error,
            w.created_at
       FROM (SELECT s.workspace_id, s.provider, s.provider_config, s.created_at
-              FROM {source} AS s
-             WHERE s.enabled AND octet_length(s.workspace_id) <= %(max_workspace_id_bytes)s
-               AND NOT EXISTS (SELECT 1 FROM workspace_availability_cache AS c
-                                WHERE c.workspace_id = s.workspace_id)
+              FROM (SELECT DISTINCT ON (w.workspace_id)
+                           w.workspace_id, w.provider, w.provider_config, w.created_at
+                      FROM {source} AS w
+                     WHERE w.enabled
+                       AND octet_length(w.workspace_id) <= %(max_workspace_id_bytes)s
+                       AND NOT EXISTS (SELECT 1 FROM workspace_availability_cache AS c
+                                        WHERE c.workspace_id = w.workspace_id
+                                          AND (c.workspace_created_at IS NULL
+                                               OR w.created_at IS NULL
+                                               OR c.workspace_created_at >= w.created_at))
+                     ORDER BY w.workspace_id, {one_row}) AS s
              ORDER BY s.created_at NULLS LAST, s.workspace_id
              LIMIT %(limit)s) AS w
      CROSS JOIN LATERAL ({config_check}) AS chk
@@ -310,14 +331,16 @@ MISSING_CACHES = sql.SQL(
 )
 
 # Enabled source rows that break the contract on a key column: a NULL or over-long
-# workspace_id (no cache row can hold it: MISSING_CACHES leaves them out), or a NULL
-# created_at on a workspace without a cache row (planned last); and the first few of the
-# latter by id. Two scans of the source: the
+# workspace_id (no cache row can hold it: MISSING_CACHES leaves them out), a NULL
+# created_at on a workspace without a cache row (planned last; not when a duplicate is
+# dated: ONE_ROW_ORDER picks that one), and the rows of a duplicated workspace_id beyond
+# the one used; and the first few ids of the latter two. Three scans of the source: the
 # cache is probed (an anti-join) only for the rare rows with a NULL created_at; an OR
 # with a probe per row would also cost enough, on paper, to have the server JIT-compile it.
 INVALID_SOURCE_ROWS = sql.SQL(
     """
-    SELECT k.null_workspace_id, k.long_workspace_id, d.null_created_at, d.null_created_at_ids
+    SELECT k.null_workspace_id, k.long_workspace_id, d.null_created_at, d.null_created_at_ids,
+           g.duplicate_rows, g.duplicated_ids, g.duplicated_ids_named
       FROM (SELECT count(*) FILTER (WHERE w.workspace_id IS NULL) AS null_workspace_id,
                    count(*) FILTER (WHERE octet_length(w.workspace_id)
                                           > %(max_workspace_id_bytes)s) AS long_workspace_id
@@ -325,19 +348,33 @@ INVALID_SOURCE_ROWS = sql.SQL(
              WHERE w.enabled
                AND (w.workspace_id IS NULL
                     OR octet_length(w.workspace_id) > %(max_workspace_id_bytes)s)) AS k,
-           (SELECT count(*) AS null_created_at,
-                   coalesce((array_agg(w.workspace_id ORDER BY w.workspace_id))[1:%(named)s],
+           (SELECT count(DISTINCT w.workspace_id) AS null_created_at,
+                   coalesce((array_agg(DISTINCT w.workspace_id
+                                       ORDER BY w.workspace_id))[1:%(named)s],
                             '{{}}') AS null_created_at_ids
               FROM {source} AS w
              WHERE w.enabled AND w.created_at IS NULL
                AND octet_length(w.workspace_id) <= %(max_workspace_id_bytes)s
                AND NOT EXISTS (SELECT 1 FROM workspace_availability_cache AS c
-                                WHERE c.workspace_id = w.workspace_id)) AS d
+                                WHERE c.workspace_id = w.workspace_id)
+               AND NOT EXISTS (SELECT 1 FROM {source} AS x
+                                WHERE x.workspace_id = w.workspace_id AND x.enabled
+                                  AND x.created_at IS NOT NULL)) AS d,
+           (SELECT coalesce(sum(n.rows - 1), 0)::bigint AS duplicate_rows,
+                   count(*) AS duplicated_ids,
+                   coalesce((array_agg(n.workspace_id ORDER BY n.workspace_id))[1:%(named)s],
+                            '{{}}') AS duplicated_ids_named
+              FROM (SELECT w.workspace_id, count(*) AS rows
+                      FROM {source} AS w
+                     WHERE w.enabled
+                       AND octet_length(w.workspace_id) <= %(max_workspace_id_bytes)s
+                     GROUP BY w.workspace_id
+                    HAVING count(*) > 1) AS n) AS g
     """
 )
 
 # One workspace and the state of its cache, for `refresh --workspace`; provider_config as
-# in DUE_CACHES.
+# in DUE_CACHES. Of duplicated rows, an enabled one first, then as ONE_ROW_ORDER.
 ONE_WORKSPACE = sql.SQL(
     """
     SELECT w.workspace_id, w.provider,
@@ -350,20 +387,40 @@ ONE_WORKSPACE = sql.SQL(
       CROSS JOIN LATERAL ({config_check}) AS chk
       LEFT JOIN workspace_availability_cache AS c ON c.workspace_id = w.workspace_id
      WHERE w.workspace_id = %(workspace_id)s
+     ORDER BY w.enabled DESC NULLS LAST, {one_row}
+     LIMIT 1
     """
 )
 
 # --- writes ---------------------------------------------------------------------------------
 
+# Both writes store nothing for a workspace the source no longer has (deleted mid-run: its
+# row must not come back), nor for one whose id now belongs to a newer workspace (created
+# after the one this call was for, %(workspace_created_at)s); a source row without a
+# created_at is the same workspace. Filled into ``{still_in_source}`` by with_source.
+STILL_IN_SOURCE = sql.SQL(
+    """
+    EXISTS (SELECT 1 FROM {source} AS s
+             WHERE s.workspace_id = %(workspace_id)s
+               AND (s.created_at IS NULL OR %(workspace_created_at)s::timestamptz IS NULL
+                    OR s.created_at <= %(workspace_created_at)s::timestamptz))
+    """
+)
+
 # A success replaces the slots, unless a newer success is already stored (a slow call
-# must never overwrite fresher data written meanwhile by another run).
+# must never overwrite fresher data written meanwhile by another run), or the row is a
+# newer workspace's (same id, reused). A row of an older workspace with that id is
+# replaced whole.
 WRITE_SUCCESS = sql.SQL(
     """
     INSERT INTO workspace_availability_cache AS c
            (workspace_id, slots_utc, slot_count, range_start, range_end, fetched_at,
-            refreshed_at, stale_at, last_error, last_error_at, consecutive_failures)
-    VALUES (%(workspace_id)s, %(slots)s, %(slot_count)s, %(range_start)s, %(range_end)s,
-            %(fetched_at)s, %(refreshed_at)s, %(stale_at)s, NULL, NULL, 0)
+            refreshed_at, stale_at, last_error, last_error_at, consecutive_failures,
+            workspace_created_at)
+    SELECT %(workspace_id)s, %(slots)s, %(slot_count)s, %(range_start)s, %(range_end)s,
+           %(fetched_at)s, %(refreshed_at)s, %(stale_at)s, NULL, NULL, 0,
+           %(workspace_created_at)s::timestamptz
+     WHERE {still_in_source}
     ON CONFLICT (workspace_id) DO UPDATE
        SET slots_utc = EXCLUDED.slots_utc,
            slot_count = EXCLUDED.slot_count,
@@ -374,25 +431,65 @@ WRITE_SUCCESS = sql.SQL(
            stale_at = EXCLUDED.stale_at,
            last_error = NULL,
            last_error_at = NULL,
-           consecutive_failures = 0
-     WHERE c.refreshed_at IS NULL OR c.refreshed_at < EXCLUDED.refreshed_at
+           consecutive_failures = 0,
+           workspace_created_at = coalesce(EXCLUDED.workspace_created_at,
+                                           c.workspace_created_at)
+     WHERE (c.refreshed_at IS NULL OR c.refreshed_at < EXCLUDED.refreshed_at
+            OR c.workspace_created_at < EXCLUDED.workspace_created_at)
+       AND NOT coalesce(c.workspace_created_at > EXCLUDED.workspace_created_at, false)
     """
 )
 
 # A failure records the attempt and pushes stale_at out; slots, range and refreshed_at
-# stay as they were. Skipped when a success newer than this attempt's start is stored.
+# stay as they were. Skipped when a success newer than this attempt's start is stored,
+# and as in WRITE_SUCCESS. Over the row of an older workspace with that id, the first
+# failure of the new one: the old slots go, and the count starts again.
 WRITE_FAILURE = sql.SQL(
     """
     INSERT INTO workspace_availability_cache AS c
-           (workspace_id, fetched_at, stale_at, last_error, last_error_at, consecutive_failures)
-    VALUES (%(workspace_id)s, %(fetched_at)s, %(stale_at)s, %(error)s, %(fetched_at)s, 1)
+           (workspace_id, fetched_at, stale_at, last_error, last_error_at, consecutive_failures,
+            workspace_created_at)
+    SELECT %(workspace_id)s, %(fetched_at)s, %(stale_at)s, %(error)s, %(fetched_at)s, 1,
+           %(workspace_created_at)s::timestamptz
+     WHERE {still_in_source}
     ON CONFLICT (workspace_id) DO UPDATE
-       SET fetched_at = greatest(c.fetched_at, EXCLUDED.fetched_at),
+       SET fetched_at = CASE WHEN c.workspace_created_at < EXCLUDED.workspace_created_at
+                             THEN EXCLUDED.fetched_at
+                             ELSE greatest(c.fetched_at, EXCLUDED.fetched_at) END,
            last_error = EXCLUDED.last_error,
            last_error_at = EXCLUDED.last_error_at,
-           consecutive_failures = c.consecutive_failures + 1,
-           stale_at = EXCLUDED.stale_at
-     WHERE c.refreshed_at IS NULL OR c.refreshed_at < %(attempt_started_at)s
+           consecutive_failures = CASE WHEN c.workspace_created_at < EXCLUDED.workspace_created_at
+                                       THEN 1 ELSE c.consecutive_failures + 1 END,
+           stale_at = EXCLUDED.stale_at,
+           slots_utc = CASE WHEN c.workspace_created_at < EXCLUDED.workspace_created_at
+                            THEN NULL ELSE c.slots_utc END,
+           slot_count = CASE WHEN c.workspace_created_at < EXCLUDED.workspace_created_at
+                             THEN NULL ELSE c.slot_count END,
+           range_start = CASE WHEN c.workspace_created_at < EXCLUDED.workspace_created_at
+                              THEN NULL ELSE c.range_start END,
+           range_end = CASE WHEN c.workspace_created_at < EXCLUDED.workspace_created_at
+                            THEN NULL ELSE c.range_end END,
+           refreshed_at = CASE WHEN c.workspace_created_at < EXCLUDED.workspace_created_at
+                               THEN NULL ELSE c.refreshed_at END,
+           workspace_created_at = coalesce(EXCLUDED.workspace_created_at,
+                                           c.workspace_created_at)
+     WHERE (c.refreshed_at IS NULL OR c.refreshed_at < %(attempt_started_at)s
+            OR c.workspace_created_at < EXCLUDED.workspace_created_at)
+       AND NOT coalesce(c.workspace_created_at > EXCLUDED.workspace_created_at, false)
+    """
+)
+
+# Cache rows of workspaces the source no longer has at all (a disabled workspace keeps
+# its row), a bounded batch at a time. Nothing when the source is empty: a view that
+# suddenly yields no row is more likely broken than every tenant gone.
+PRUNE_ORPHAN_CACHES = sql.SQL(
+    """
+    DELETE FROM workspace_availability_cache
+     WHERE workspace_id IN (SELECT c.workspace_id FROM workspace_availability_cache AS c
+                             WHERE NOT EXISTS (SELECT 1 FROM {source} AS s
+                                                WHERE s.workspace_id = c.workspace_id)
+                             LIMIT %(batch)s)
+       AND EXISTS (SELECT 1 FROM {source})
     """
 )
 
@@ -426,11 +523,13 @@ PRUNE_RUNS = sql.SQL(
 # --- metrics --------------------------------------------------------------------------------
 
 # Staleness of enabled workspaces, measured from the last *successful* refresh. A source
-# row without a workspace_id is no workspace (INVALID_SOURCE_ROWS counts it).
+# row without a workspace_id is no workspace (INVALID_SOURCE_ROWS counts it), and a
+# duplicated one is one workspace, created when its latest row says (ONE_ROW_ORDER).
 STALENESS = sql.SQL(
     """
-    WITH w AS (SELECT workspace_id, created_at FROM {source}
-                WHERE enabled AND workspace_id IS NOT NULL),
+    WITH w AS (SELECT workspace_id, max(created_at) AS created_at FROM {source}
+                WHERE enabled AND workspace_id IS NOT NULL
+                GROUP BY workspace_id),
          c AS (SELECT c.stale_at, c.refreshed_at, c.range_start, c.last_error
                  FROM workspace_availability_cache AS c
                  JOIN w ON w.workspace_id = c.workspace_id)
@@ -504,16 +603,17 @@ RUN_HISTORY = sql.SQL(
 )
 
 # Per enabled workspace with a cache row: the `metrics --per-workspace` series. One row
-# per workspace (thousands): only ever run on request.
+# per workspace (thousands, each once however often the source repeats it): only ever
+# run on request.
 WORKSPACE_STALENESS = sql.SQL(
     """
-    SELECT w.workspace_id,
+    SELECT c.workspace_id,
            extract(epoch FROM %(now)s - c.refreshed_at)::float8 AS success_age_seconds,
            c.consecutive_failures
-      FROM {source} AS w
-      JOIN workspace_availability_cache AS c ON c.workspace_id = w.workspace_id
-     WHERE w.enabled
-     ORDER BY w.workspace_id
+      FROM workspace_availability_cache AS c
+     WHERE EXISTS (SELECT 1 FROM {source} AS w
+                    WHERE w.workspace_id = c.workspace_id AND w.enabled)
+     ORDER BY c.workspace_id
     """
 )
 
@@ -556,23 +656,33 @@ WORKSPACE_DETAILS = sql.SQL(
       CROSS JOIN LATERAL ({config_check}) AS chk
       LEFT JOIN workspace_availability_cache AS c ON c.workspace_id = w.workspace_id
      WHERE w.workspace_id = %(workspace_id)s
+     ORDER BY w.enabled DESC NULLS LAST, {one_row}
+     LIMIT 1
     """
 )
 
 # --- app-side readers -----------------------------------------------------------------------
 
+# The cache row of a workspace, unless it is an older workspace's with the same id (see
+# migration 0003): the source has a row for that id created after it.
 CACHE_ROW = sql.SQL(
     """
-    SELECT workspace_id, slots_utc, range_start, range_end, fetched_at, refreshed_at, stale_at,
-           last_error, last_error_at, consecutive_failures
-      FROM workspace_availability_cache
-     WHERE workspace_id = %(workspace_id)s
+    SELECT c.workspace_id, c.slots_utc, c.range_start, c.range_end, c.fetched_at,
+           c.refreshed_at, c.stale_at, c.last_error, c.last_error_at, c.consecutive_failures,
+           c.workspace_created_at
+      FROM workspace_availability_cache AS c
+     WHERE c.workspace_id = %(workspace_id)s
+       AND NOT EXISTS (SELECT 1 FROM {source} AS s
+                        WHERE s.workspace_id = c.workspace_id
+                          AND s.created_at > c.workspace_created_at)
     """
 )
 
 
 def with_source(query: sql.SQL, source_table: str) -> sql.Composed:
     """Fill ``{source}`` with the configured relation, quoted as an identifier, and
-    ``{config_check}`` (where used) with :data:`CONFIG_CHECK`."""
-    return query.format(source=sql.Identifier(*source_table.split(".")),
-                        config_check=CONFIG_CHECK)
+    ``{config_check}``, ``{one_row}`` and ``{still_in_source}`` (where used) with
+    :data:`CONFIG_CHECK`, :data:`ONE_ROW_ORDER` and :data:`STILL_IN_SOURCE`."""
+    source = sql.Identifier(*source_table.split("."))
+    return query.format(source=source, config_check=CONFIG_CHECK, one_row=ONE_ROW_ORDER,
+                        still_in_source=STILL_IN_SOURCE.format(source=source))

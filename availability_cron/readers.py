@@ -38,6 +38,8 @@ class CacheRow:
     last_error: str | None
     last_error_at: datetime | None
     consecutive_failures: int
+    #: created_at of the workspace it was written for (None for rows from before 0003).
+    workspace_created_at: datetime | None = None
 
     def age(self, now: datetime) -> timedelta | None:
         """Time since the last successful refresh; None if it never succeeded."""
@@ -47,11 +49,23 @@ class CacheRow:
         return self.stale_at <= now
 
 
-def get_cache(conn: psycopg.Connection[Any], workspace_id: str) -> CacheRow | None:
-    """The cache row of ``workspace_id``, or None when it has never been attempted."""
+#: The source relation the readers check by default (AVAILABILITY_CRON_SOURCE_TABLE's).
+DEFAULT_SOURCE = "availability_workspaces"
+
+
+def get_cache(
+    conn: psycopg.Connection[Any], workspace_id: str, *, source_table: str = DEFAULT_SOURCE
+) -> CacheRow | None:
+    """The cache row of ``workspace_id``, or None when it has never been attempted.
+
+    None too when the row is an older workspace's whose id was reused: ``source_table``
+    (the job's AVAILABILITY_CRON_SOURCE_TABLE; pass it when that is a view) has a row for
+    the id created after the one the cache was written for.
+    """
     # Binary results: timestamps read whatever the DateStyle (see db.py).
     with conn.cursor(row_factory=class_row(CacheRow), binary=True) as cur:
-        cur.execute(queries.CACHE_ROW, {"workspace_id": workspace_id})
+        cur.execute(queries.with_source(queries.CACHE_ROW, source_table),
+                    {"workspace_id": workspace_id})
         return cur.fetchone()
 
 
@@ -70,13 +84,15 @@ def get_slots(
     *,
     now: datetime | None = None,
     include_past: bool = False,
+    source_table: str = DEFAULT_SOURCE,
 ) -> list[datetime]:
-    """Free slot starts of ``workspace_id`` in UTC, ready to show; [] if none are cached.
+    """Free slot starts of ``workspace_id`` in UTC, ready to show; [] if none are cached
+    (nor for an older workspace with the same id: see :func:`get_cache`).
 
     Slots that have already started (before ``now``, default: the current time) are
     left out unless ``include_past``: the cache may be up to a TTL old.
     """
-    row = get_cache(conn, workspace_id)
+    row = get_cache(conn, workspace_id, source_table=source_table)
     if row is None:
         return []
     slots = parse_slots(row.slots_utc)

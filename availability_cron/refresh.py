@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
@@ -87,6 +87,8 @@ class DueCache:
     refreshed_at: datetime | None
     consecutive_failures: int
     provider_config_error: str | None = None
+    #: The source row's created_at: which workspace with this id the cache is written for.
+    created_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,9 @@ class PlannedRefresh:
     #: Why the source row cannot be refreshed (source.row_error): the call then fails
     #: with this as a permanent error, before any provider is touched.
     source_error: str | None = None
+    #: The source row's created_at, stored with the result (workspace_created_at): the
+    #: write is skipped if the id has meanwhile been reused by a newer workspace.
+    created_at: datetime | None = None
 
     def overdue_seconds(self, now: datetime) -> float:
         return (now - self.due_since).total_seconds()
@@ -181,12 +186,15 @@ def plan(
       short still starts them; then stale caches, stalest first (``stale_at``
       ascending, ties by id); then any extra missing entries.
     - Entries not yet due at ``now`` (a racing writer pushed them out) are dropped.
+    - Each workspace at most once: the reads return one row per workspace_id, but a cache
+      row written between them makes a workspace both missing and due (kept as missing).
     """
-    stale = sorted(
-        (d for d in due if d.stale_at <= now), key=lambda d: (d.stale_at, d.workspace_id)
-    )
-    new = sorted(missing, key=lambda m: (m.created_at is None, m.created_at or now,
-                                         m.workspace_id))
+    new = _first_of_each(sorted(missing, key=lambda m: (m.created_at is None,
+                                                        m.created_at or now, m.workspace_id)))
+    seen = {m.workspace_id for m in new}
+    stale = _first_of_each(sorted(
+        (d for d in due if d.stale_at <= now and d.workspace_id not in seen),
+        key=lambda d: (d.stale_at, d.workspace_id)))
     limit = max(0, limit)
 
     reserved = min(len(new), reserved_for_missing(limit, reserve))
@@ -196,17 +204,31 @@ def plan(
     def as_missing(m: MissingWorkspace) -> PlannedRefresh:
         return PlannedRefresh(m.workspace_id, m.provider or "", m.provider_config, "missing",
                               m.created_at or now, 0,
-                              row_error(m.provider, m.provider_config_error))
+                              row_error(m.provider, m.provider_config_error), m.created_at)
 
     queue = [as_missing(m) for m in new[:reserved]]
     queue += [
         PlannedRefresh(d.workspace_id, d.provider or "", d.provider_config, "stale",
                        d.stale_at, d.consecutive_failures,
-                       row_error(d.provider, d.provider_config_error))
+                       row_error(d.provider, d.provider_config_error), d.created_at)
         for d in stale[:stale_take]
     ]
     queue += [as_missing(m) for m in new[reserved:reserved + extra_missing]]
     return Plan(queue=tuple(queue), missing_reserved=reserved)
+
+
+_Row = TypeVar("_Row", DueCache, MissingWorkspace)
+
+
+def _first_of_each(rows: Sequence[_Row]) -> list[_Row]:
+    """``rows`` without the later rows of a workspace_id that came before."""
+    seen: set[str] = set()
+    out = []
+    for row in rows:
+        if row.workspace_id not in seen:
+            seen.add(row.workspace_id)
+            out.append(row)
+    return out
 
 
 def success_stale_at(refreshed_at: datetime, ttl: timedelta, rng: random.Random) -> datetime:
@@ -715,6 +737,8 @@ class WritePolicy:
     ttl: timedelta
     max_backoff: timedelta
     rng: random.Random
+    #: The source relation: nothing is written for a workspace no longer in it.
+    source: str = "availability_workspaces"
 
 
 def write_outcomes(conn: db.Connection, outcomes: Sequence[Outcome], policy: WritePolicy) -> int:
@@ -723,6 +747,9 @@ def write_outcomes(conn: db.Connection, outcomes: Sequence[Outcome], policy: Wri
     Success: slots, window, fetched_at = refreshed_at = the call's finish time,
     stale_at = that + TTL (jittered), error cleared. Failure: only the attempt, the
     error and a backed-off stale_at; slots, range and refreshed_at are left alone.
+    Neither is stored for a workspace gone from ``policy.source`` meanwhile, nor over the
+    row of a newer workspace with the same id (queries.STILL_IN_SOURCE); a success not
+    stored counts as superseded.
     """
     successes = [
         {
@@ -734,6 +761,7 @@ def write_outcomes(conn: db.Connection, outcomes: Sequence[Outcome], policy: Wri
             "fetched_at": o.finished_at,
             "refreshed_at": o.finished_at,
             "stale_at": success_stale_at(o.finished_at, policy.ttl, policy.rng),
+            "workspace_created_at": o.item.created_at,
         }
         for o in outcomes
         if o.ok
@@ -752,6 +780,7 @@ def write_outcomes(conn: db.Connection, outcomes: Sequence[Outcome], policy: Wri
                 rng=policy.rng,
                 retry_after=o.retry_after,
             ),
+            "workspace_created_at": o.item.created_at,
         }
         for o in outcomes
         if not o.ok
@@ -759,14 +788,27 @@ def write_outcomes(conn: db.Connection, outcomes: Sequence[Outcome], policy: Wri
     stored = 0
     with conn.transaction(), conn.cursor() as cur:
         if successes:
-            cur.executemany(queries.WRITE_SUCCESS, successes)
+            cur.executemany(queries.with_source(queries.WRITE_SUCCESS, policy.source), successes)
             stored = max(cur.rowcount, 0)
         if failures:
-            cur.executemany(queries.WRITE_FAILURE, failures)
+            cur.executemany(queries.with_source(queries.WRITE_FAILURE, policy.source), failures)
     for o in outcomes:
         if not o.ok:
             log.warning("workspace %s: %s", o.item.workspace_id, o.error)
     return stored
+
+
+#: Most orphan cache rows one run deletes: a backlog (a mass deletion of workspaces) is
+#: worked off over the next runs, each statement staying short.
+ORPHAN_PRUNE_BATCH = 1000
+
+
+def prune_orphans(conn: db.Connection, source: str) -> int:
+    """Delete up to ORPHAN_PRUNE_BATCH cache rows of workspaces no longer in ``source`` (none
+    when it has no row at all: queries.PRUNE_ORPHAN_CACHES); return how many."""
+    cur = conn.execute(queries.with_source(queries.PRUNE_ORPHAN_CACHES, source),
+                       {"batch": ORPHAN_PRUNE_BATCH})
+    return max(cur.rowcount, 0)
 
 
 # --- the run --------------------------------------------------------------------------------
@@ -797,6 +839,8 @@ class RunSummary:
     #: Source rows breaking the contract on a key column (source.InvalidRows), named in a
     #: WARNING: skipped, or (a NULL created_at) planned after every dated workspace.
     invalid_source_rows: int = 0
+    #: Cache rows of workspaces gone from the source, deleted by this run (prune_orphans).
+    pruned_caches: int = 0
     finished_within_budget: bool = False
     workspace: str | None = None
     holder: dict[str, object] | None = None
@@ -823,6 +867,7 @@ class RunSummary:
             "unfinished": self.unfinished,
             "superseded": self.superseded,
             "invalidSourceRows": self.invalid_source_rows,
+            "prunedCaches": self.pruned_caches,
             "finishedWithinBudget": self.finished_within_budget,
         }
         if self.workspace is not None:
@@ -918,6 +963,7 @@ def _run_sweep(
         ttl=timedelta(milliseconds=settings.cache_ttl_ms),
         max_backoff=timedelta(milliseconds=settings.max_backoff_ms),
         rng=rt.rng,
+        source=settings.source_table,
     )
 
     def write(outcomes: Sequence[Outcome]) -> int:
@@ -1008,18 +1054,38 @@ def run_refresh(
                         on_progress=on_progress,
                         invalid_source_rows=invalid,
                     )
+                    pruned = _prune_orphans(settings, rt, work)
                     return _sweep_summary(
                         settings, rt, len(the_plan.queue), result,
                         success=True, skipped=False, reason=None,
-                        invalid_source_rows=invalid,
+                        invalid_source_rows=invalid, pruned_caches=pruned,
                     )
         finally:
             lock_conn.close()
 
 
+def _prune_orphans(settings: Settings, rt: Runtime, work: db.Connection) -> int:
+    """prune_orphans, bounded like a write; a failure is logged, never the run's: every
+    result is already written, and the rows are pruned by a later run."""
+    left_ms = int((rt.started_monotonic + settings.time_budget_ms / 1000 + GRACE_SECONDS
+                   - rt.monotonic()) * 1000)
+    try:
+        with (db.translate_errors(settings.secrets()),
+              db.bounded_transaction(work, max(1000, left_ms))):
+            pruned = prune_orphans(work, settings.source_table)
+    except AvailabilityCronError as exc:
+        log.warning("cache rows of removed workspaces not pruned (a later run will): %s",
+                    exc.message)
+        return 0
+    if pruned:
+        log.info("pruned %d cache rows of workspaces no longer in %s", pruned,
+                 settings.source_table)
+    return pruned
+
+
 def stuck_after_seconds(settings: Settings) -> float:
-    """A holder older than this cannot be a healthy run (budget + grace, with room to spare)."""
-    return 2 * settings.time_budget_ms / 1000 + 60
+    """A holder older than this cannot be a healthy run (lock.stuck_after_seconds)."""
+    return lock.stuck_after_seconds(settings.time_budget_ms)
 
 
 def _skipped(settings: Settings, rt: Runtime, holder: lock.LockHolder | None) -> RunSummary:
@@ -1028,10 +1094,20 @@ def _skipped(settings: Settings, rt: Runtime, holder: lock.LockHolder | None) ->
     A skip is exit 0, but a holder older than stuck_after_seconds() means every run
     is being skipped by something that is not working (a wedged process, a vanished
     host): that is a real failure, reported as reason "lock-stuck" with exit 1.
+
+    A holder that is not an availability-cron run (an app's session that took the key)
+    is never judged stuck: its age is its session's (a pooled session may be days old
+    and have taken the key a moment ago), and PostgreSQL does not say since when it has
+    held the lock. The run is skipped as "locked", with a WARNING naming the holder; one
+    that keeps the lock shows as a growing lockSkipStreak in `metrics`.
     """
     held = holder.held_for_seconds if holder else None
     limit = stuck_after_seconds(settings)
-    if held is not None and held > limit:
+    if holder is not None and holder.foreign and holder.visible:
+        log.warning("the refresh lock is held by backend pid %s (%s), which is not an "
+                    "availability-cron run; skipping this run", holder.pid,
+                    holder.application_name or "no application name")
+    elif held is not None and held > limit:
         assert holder is not None
         log.error("the lock has been held by pid %s for %.0fs", holder.pid, held)
         return _summary(
@@ -1042,7 +1118,8 @@ def _skipped(settings: Settings, rt: Runtime, holder: lock.LockHolder | None) ->
                    f"({limit:.0f}s); if that process is wedged, end it with "
                    f"SELECT pg_terminate_backend({holder.pid})"),
         )
-    log.info("another run holds the lock; skipping")
+    else:
+        log.info("another run holds the lock; skipping")
     return _summary(
         settings, rt, success=True, skipped=True, reason="locked", finished_within_budget=True,
         holder=holder.as_json() if holder else None,
@@ -1073,7 +1150,7 @@ def refresh_workspace(
             state.workspace_id, state.provider or "", state.provider_config, "requested",
             # A NULL created_at (a view) does not keep an engineer from refreshing it.
             state.stale_at or state.created_at or rt.clock(), state.consecutive_failures,
-            row_error(state.provider, state.provider_config_error),
+            row_error(state.provider, state.provider_config_error), state.created_at,
         )
         result = _run_sweep(settings, rt, work, [item])
         if result.succeeded == 1:

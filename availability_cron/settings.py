@@ -124,9 +124,12 @@ def _lock_name(name: str, raw: str) -> str:
 
 
 def _directory(name: str, raw: str) -> str:
+    # The shape only: whether the directory exists is decided per workspace at read time
+    # (providers.ics.read_feed_file), so that an unmounted volume fails the workspaces
+    # with feed files, not every command for every provider.
     path = Path(raw.strip())
-    if not path.is_absolute() or not path.is_dir():
-        raise ConfigError(f"{name} must be the absolute path of an existing directory, got {raw!r}")
+    if not path.is_absolute():
+        raise ConfigError(f"{name} must be the absolute path of a directory, got {raw!r}")
     return str(path)
 
 

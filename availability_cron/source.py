@@ -9,8 +9,12 @@ problem, never fail the run for every tenant. Two kinds of bad row:
   whole batch): the planning reads leave it out, so it takes no slot of the limit. A NULL
   ``created_at`` on a workspace without a cache row leaves the oldest-first order of
   missing caches nothing to go by: it is planned after every dated one (once it has a
-  cache row, its created_at no longer matters). :func:`fetch_invalid_rows` counts them
-  all for the summary and its one WARNING per run.
+  cache row, its created_at no longer matters). Several enabled rows with one
+  ``workspace_id`` (a view's join gone wrong) are one workspace: every read uses one of
+  them, the one created last (``queries.ONE_ROW_ORDER``), so it is called once per run,
+  takes one slot of the limit and counts once in metrics; the rows beyond it are
+  invalid. :func:`fetch_invalid_rows` counts them all for the summary and its one
+  WARNING per run.
 - **A provider_config over the caps** (:data:`MAX_CONFIG_BYTES`,
   :data:`MAX_CONFIG_DEPTH`) is decided in SQL (``queries.CONFIG_CHECK``): the reads send
   NULL and the reason instead, so such a config never reaches this process. The
@@ -22,7 +26,7 @@ A NULL ``provider`` is a row problem of the second kind: see :func:`row_error`.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from psycopg.rows import class_row
 
@@ -79,10 +83,17 @@ class InvalidRows:
     null_created_at: int
     #: Up to NAMED_IN_WARNING of those, by id.
     null_created_at_ids: list[str]
+    #: Rows of a duplicated workspace_id beyond the one used (ignored).
+    duplicate_rows: int = 0
+    #: How many workspace ids have more than one row...
+    duplicated_ids: int = 0
+    #: ...and up to NAMED_IN_WARNING of them, by id.
+    duplicated_ids_named: list[str] = field(default_factory=list)
 
     @property
     def total(self) -> int:
-        return self.null_workspace_id + self.long_workspace_id + self.null_created_at
+        return (self.null_workspace_id + self.long_workspace_id + self.null_created_at
+                + self.duplicate_rows)
 
     def describe(self, source: str) -> str:
         """One line naming the problems, for the run's WARNING."""
@@ -95,6 +106,14 @@ class InvalidRows:
                            f"{MAX_WORKSPACE_ID_BYTES} bytes")
         if skipped:
             parts.append("skipped " + " and ".join(skipped))
+        if self.duplicate_rows:
+            named = ", ".join(repr(i) for i in self.duplicated_ids_named)
+            more = ", ..." if self.duplicated_ids > len(self.duplicated_ids_named) else ""
+            ids = "id" if self.duplicated_ids == 1 else "ids"
+            dup = "row" if self.duplicate_rows == 1 else "rows"
+            parts.append(f"ignored {self.duplicate_rows} duplicate {dup} of "
+                         f"{self.duplicated_ids} workspace {ids} ({named}{more}); each is "
+                         "refreshed once, from its row created last")
         if self.null_created_at:
             named = ", ".join(repr(i) for i in self.null_created_at_ids)
             more = ", ..." if self.null_created_at > len(self.null_created_at_ids) else ""

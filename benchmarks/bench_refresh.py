@@ -234,6 +234,7 @@ def success_rows(count: int, settings: Settings) -> list[dict[str, Any]]:
             "fetched_at": now,
             "refreshed_at": now,
             "stale_at": refresh.success_stale_at(now, ttl, rng),
+            "workspace_created_at": None,
         }
         for i in range(count)
     ]
@@ -242,11 +243,12 @@ def success_rows(count: int, settings: Settings) -> list[dict[str, Any]]:
 def upsert_rate(conn: db.Connection, rows: Sequence[dict[str, Any]], batch: int) -> float:
     """Rows per second for WRITE_SUCCESS via executemany, one transaction per batch."""
     stored = 0
+    write = queries.with_source(queries.WRITE_SUCCESS, "availability_workspaces")
     t0 = time.perf_counter()
     with conn.cursor() as cur:
         for i in range(0, len(rows), batch):
             with conn.transaction():
-                cur.executemany(queries.WRITE_SUCCESS, rows[i:i + batch])
+                cur.executemany(write, rows[i:i + batch])
                 stored += max(cur.rowcount, 0)
     seconds = time.perf_counter() - t0
     if stored != len(rows):

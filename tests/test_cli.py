@@ -61,7 +61,7 @@ BAD_VALUES: dict[str, list[str]] = {
     "lock_name": ["x" * 201],
     "source_table": ["a.b.c", "1table", "bad-name", "ws; DROP TABLE x"],
     "log_level": ["LOUD", "trace"],
-    "ics_file_root": ["relative/feeds", "/nonexistent/availability-cron-feeds"],
+    "ics_file_root": ["relative/feeds", "feeds"],
     "lock_database_url": ["mysql://user@db.example/app", "nonsense"],
     "run_retention_days": ["0", "367", "abc"],
     "ping_url": ["ftp://hc.example/x", "not a url"],

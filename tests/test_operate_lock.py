@@ -6,6 +6,7 @@ workspace, as in test_lock.py; the commands under test run as cron or an operato
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 import uuid
@@ -16,12 +17,13 @@ from typing import Any
 import psycopg
 import pytest
 import test_lock
-from helpers import add_workspace, clean_env, run_cli
+from helpers import add_workspace, clean_env, make_runtime, make_settings, run_cli
 from psycopg import sql
 from test_lock import finish, wait_for_holder
 
 from availability_cron import lock
 from availability_cron.errors import ConfigError
+from availability_cron.refresh import _skipped, run_refresh
 from availability_cron.settings import parse_duration
 
 pytestmark = pytest.mark.e2e
@@ -185,7 +187,7 @@ def test_lock_release_ends_a_holder_older_than_the_bound_and_the_holder_exits_1(
     proc, held_by = holder
     wait_until_held_for(conn, 1.2)
 
-    result = run_cli("lock", "release", "--older-than", "1s", "--yes",
+    result = run_cli("lock", "release", "--older-than", "1s", "--yes", "--force",
                      env=clean_env(DATABASE_URL=database_url))
 
     assert result.returncode == 0, result.stderr
@@ -208,7 +210,7 @@ def test_lock_release_leaves_a_holder_whose_age_the_role_cannot_see(conn, holder
     _, held_by = holder
     wait_until_held_for(conn, 1.2)
 
-    result = run_cli("lock", "release", "--older-than", "1s", "--yes",
+    result = run_cli("lock", "release", "--older-than", "1s", "--yes", "--force",
                      env=clean_env(DATABASE_URL=plain_role))
 
     assert result.returncode == 1
@@ -225,7 +227,7 @@ def test_lock_release_exits_1_with_a_clear_message_when_termination_is_not_permi
     grant(server_url, plain_role, "pg_read_all_stats")  # sees the age, may not terminate
     wait_until_held_for(conn, 1.2)
 
-    result = run_cli("lock", "release", "--older-than", "1s", "--yes",
+    result = run_cli("lock", "release", "--older-than", "1s", "--yes", "--force",
                      env=clean_env(DATABASE_URL=plain_role))
 
     assert result.returncode == 1
@@ -233,6 +235,90 @@ def test_lock_release_exits_1_with_a_clear_message_when_termination_is_not_permi
     assert "pg_signal_backend" in result.stderr
     still = lock.find_holder(conn, REFRESH_KEY)
     assert still is not None and still.pid == held_by.pid
+
+
+@pytest.fixture
+def foreign(database_url: str) -> Iterator[psycopg.Connection[Any]]:
+    """An app's pooled session that took the refresh lock's key (not an availability-cron
+    run: its application_name does not parse as one)."""
+    with psycopg.connect(database_url, autocommit=True, application_name="app-pool") as app:
+        app.execute("SELECT pg_advisory_lock(%s)", (REFRESH_KEY,))
+        yield app
+
+
+def test_lock_release_refuses_a_bound_below_the_stuck_threshold_without_force(
+    database_url, conn, holder
+):
+    _, held_by = holder
+    wait_until_held_for(conn, 1.2)
+
+    result = run_cli("lock", "release", "--older-than", "1s", "--yes",
+                     env=clean_env(DATABASE_URL=database_url))
+
+    assert result.returncode == 1, result.stderr
+    report = result.json()
+    assert report["outcome"] == "below-stuck-threshold" and report["terminated"] is False
+    # The default budget, 45 s: 2 x 45 + 60.
+    assert "below the lock-stuck threshold of 150s" in result.stderr
+    assert "--force" in result.stderr
+    still = lock.find_holder(conn, REFRESH_KEY)
+    assert still is not None and still.pid == held_by.pid
+
+
+def test_lock_release_refuses_a_holder_that_is_not_an_availability_cron_run_without_force(
+    database_url, conn, foreign
+):
+    result = run_cli("lock", "release", "--older-than", "3m", "--yes",
+                     env=clean_env(DATABASE_URL=database_url))
+
+    assert result.returncode == 1, result.stderr
+    assert result.json()["outcome"] == "foreign-holder"
+    assert "(app-pool)" in result.stderr and "not an availability-cron run" in result.stderr
+    assert "--force" in result.stderr
+    still = lock.find_holder(conn, REFRESH_KEY)
+    assert still is not None and still.application_name == "app-pool"
+
+
+def test_lock_release_with_force_ends_a_foreign_holder_older_than_the_bound(
+    database_url, conn, foreign
+):
+    wait_until_held_for(conn, 1.2)
+
+    result = run_cli("lock", "release", "--older-than", "1s", "--yes", "--force",
+                     env=clean_env(DATABASE_URL=database_url))
+
+    assert result.returncode == 0, result.stderr
+    assert result.json()["outcome"] == "terminated"
+    assert lock.find_holder(conn, REFRESH_KEY) is None
+
+
+def test_a_refresh_skipped_by_a_foreign_holder_reports_locked_naming_it(
+    database_url, conn, foreign, caplog
+):
+    add_workspace(conn, "ws-1")
+
+    with caplog.at_level(logging.WARNING, logger="availability_cron"):
+        summary = run_refresh(make_settings(database_url), make_runtime(database_url),
+                              default_source="availability_workspaces")
+
+    assert (summary.success, summary.skipped, summary.reason) == (True, True, "locked")
+    assert summary.holder is not None and summary.holder["applicationName"] == "app-pool"
+    [warning] = [r.getMessage() for r in caplog.records if "app-pool" in r.getMessage()]
+    assert "not an availability-cron run" in warning
+
+
+def test_a_foreign_holders_session_age_does_not_make_the_lock_stuck(database_url):
+    # A pooled session may be days old and have taken the key a moment ago: its age is
+    # not how long it has held the lock. (Our own runs' age counts from the run's start.)
+    settings = make_settings(database_url, time_budget_ms=45000)
+    old_app = lock.LockHolder(4242, "app-pool", None, 86400.0, "idle", None, True)
+    old_run = lock.LockHolder(4242, "availability-cron lock run=x", None, 86400.0, "idle",
+                              None, True)
+
+    verdict = _skipped(settings, make_runtime(database_url), old_app)
+
+    assert (verdict.success, verdict.reason) == (True, "locked")
+    assert _skipped(settings, make_runtime(database_url), old_run).reason == "lock-stuck"
 
 
 @pytest.mark.parametrize("duration", ["5x", "10", "1.5h", "0s", "-1m", "1h30m", " 90s", "m"])

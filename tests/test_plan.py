@@ -67,6 +67,18 @@ def missing_workspaces(n: int) -> list[MissingWorkspace]:
     return workspaces
 
 
+# --- each workspace once ----------------------------------------------------------------------
+
+
+def test_plan_queues_a_workspace_once_however_often_the_reads_return_it():
+    queue = plan([due("s1", 10), due("s1", 5), due("both", 3)],
+                 [missing("m1", 50), missing("m1", 40), missing("both", 30)],
+                 limit=10, reserve=0.5, now=NOW).queue
+
+    assert ids(queue) == ["m1", "both", "s1"]
+    assert [q.reason for q in queue] == ["missing", "missing", "stale"]
+
+
 # --- reserved_for_missing -------------------------------------------------------------------
 
 

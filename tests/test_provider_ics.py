@@ -13,9 +13,11 @@ from helpers import (
     FakeClock,
     add_workspace,
     cache_row,
+    clean_env,
     make_runtime,
     make_settings,
     refreshing,
+    run_cli,
     scopes_for,
 )
 from httpserver import LocalServer, Reply
@@ -25,6 +27,7 @@ from availability_cron.providers import (
     FetchRequest,
     PermanentProviderError,
     ProviderContext,
+    RetryableProviderError,
 )
 from availability_cron.providers import ics as ics_module
 from availability_cron.providers.ics import FILE_ROOT_ENV, IcsProvider, read_config
@@ -454,6 +457,38 @@ def test_a_missing_file_and_a_directory_are_permanent_errors(tmp_path):
         fetch(provider, {"path": "nope.ics", "timezone": "UTC"}, utc(10, 20), utc(10, 21))
     with pytest.raises(PermanentProviderError, match="not a regular file"):
         fetch(provider, {"path": "dir.ics", "timezone": "UTC"}, utc(10, 20), utc(10, 21))
+
+
+def test_a_missing_file_root_is_a_retryable_error_naming_the_variable(tmp_path):
+    # An unmounted volume: the directory is back once it is mounted again.
+    provider = file_provider(tmp_path / "unmounted")
+
+    with pytest.raises(RetryableProviderError, match=f"{FILE_ROOT_ENV} names no directory"):
+        fetch(provider, {"path": "cal.ics", "timezone": "UTC"}, utc(10, 20), utc(10, 21))
+
+
+def test_a_file_root_that_is_a_file_is_a_permanent_error(tmp_path):
+    (tmp_path / "root").write_text("not a directory")
+
+    with pytest.raises(PermanentProviderError, match=f"{FILE_ROOT_ENV} is not a directory"):
+        fetch(file_provider(tmp_path / "root"), {"path": "cal.ics", "timezone": "UTC"},
+              utc(10, 20), utc(10, 21))
+
+
+def test_a_missing_file_root_fails_only_the_workspaces_with_feed_files(database_url, conn,
+                                                                      tmp_path):
+    add_workspace(conn, "sim", provider="simulated")
+    add_workspace(conn, "file-feed", provider="ics", config={"path": "cal.ics", "timezone": "UTC"})
+    env = clean_env(DATABASE_URL=database_url,
+                    AVAILABILITY_CRON_ICS_FILE_ROOT=str(tmp_path / "unmounted"))
+
+    result = run_cli("refresh", env=env)
+
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    assert result.json()["refreshed"] == 1 and result.json()["errors"] == 1
+    assert cache_row(conn, "sim")["refreshed_at"] is not None
+    error = cache_row(conn, "file-feed")["last_error"]
+    assert error.startswith("[retryable] ") and FILE_ROOT_ENV in error
 
 
 # --- configuration --------------------------------------------------------------------------

@@ -694,3 +694,114 @@ def test_a_view_can_be_the_source_of_workspaces(database_url, conn, view):
     assert summary.refreshed == 1
     assert cache_row(conn, "t-on")["slots_utc"] == Recorder.expected_slots(NOW)
     assert cache_row(conn, "t-off") is None
+
+
+# --- deleted and reused workspaces ------------------------------------------------------------
+
+
+def run_simulated(database_url: str, **settings: Any) -> refresh.RunSummary:
+    return refresh.run_refresh(make_settings(database_url, **settings),
+                               make_runtime(database_url), default_source=SOURCE)
+
+
+def test_a_run_prunes_the_cache_rows_of_workspaces_gone_from_the_source(database_url, conn):
+    add_workspace(conn, "ws-kept")
+    add_workspace(conn, "ws-disabled", enabled=False)
+    for workspace in ("ws-kept", "ws-disabled", "gone-1", "gone-2"):
+        add_cache(conn, workspace, stale_at=NOW + timedelta(days=1), refreshed_at=NOW,
+                  slots=OLD_SLOTS)
+
+    summary = run_simulated(database_url)
+
+    assert summary.success and summary.as_json()["prunedCaches"] == 2
+    kept = conn.execute("SELECT workspace_id FROM workspace_availability_cache"
+                        " ORDER BY workspace_id").fetchall()
+    assert kept == [("ws-disabled",), ("ws-kept",)]  # a disabled workspace is not gone
+
+
+def test_orphan_cache_rows_are_pruned_in_bounded_batches(database_url, conn, monkeypatch):
+    monkeypatch.setattr(refresh, "ORPHAN_PRUNE_BATCH", 2)
+    add_workspace(conn, "ws-kept")
+    for i in range(5):
+        add_cache(conn, f"gone-{i}", stale_at=NOW, refreshed_at=NOW, slots=OLD_SLOTS)
+
+    pruned = [run_simulated(database_url).as_json()["prunedCaches"] for _ in range(4)]
+
+    assert pruned == [2, 2, 1, 0]
+
+
+def test_an_empty_source_prunes_nothing(database_url, conn):
+    # A view that suddenly yields nothing is more likely broken than every tenant gone.
+    add_cache(conn, "ws-1", stale_at=NOW, refreshed_at=NOW, slots=OLD_SLOTS)
+
+    summary = run_simulated(database_url)
+
+    assert summary.as_json()["prunedCaches"] == 0
+    assert cache_row(conn, "ws-1") is not None
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["success", "failure"])
+@pytest.mark.parametrize("cached", [False, True], ids=["missing", "stale"])
+def test_a_workspace_deleted_mid_run_gets_no_cache_row_back(database_url, conn, fails, cached):
+    def delete_then_answer(request: FetchRequest) -> Any:
+        with psycopg.connect(database_url, autocommit=True) as app:
+            app.execute("DELETE FROM availability_workspaces WHERE workspace_id = %s",
+                        (request.workspace_id,))
+            app.execute("DELETE FROM workspace_availability_cache WHERE workspace_id = %s",
+                        (request.workspace_id,))
+        if fails:
+            raise RetryableProviderError("upstream is down")
+        return [request.window_start + timedelta(hours=1)]
+
+    add_workspace(conn, "ws-deleted", provider="test")
+    if cached:
+        add_cache(conn, "ws-deleted", stale_at=NOW - timedelta(minutes=1),
+                  refreshed_at=NOW - timedelta(minutes=2), slots=OLD_SLOTS)
+
+    summary = refresh.run_refresh(
+        make_settings(database_url),
+        make_runtime(database_url, providers={"test": provider_class(delete_then_answer)},
+                     clock=FakeClock(NOW)),
+        default_source=SOURCE)
+
+    assert summary.success and summary.attempted == 1
+    assert cache_row(conn, "ws-deleted") is None
+
+
+def reuse(conn: psycopg.Connection[Any], workspace_id: str, **fields: Any) -> None:
+    """Delete ``workspace_id`` and create a new workspace with the same id, created now."""
+    conn.execute("DELETE FROM availability_workspaces WHERE workspace_id = %s", (workspace_id,))
+    add_workspace(conn, workspace_id, created_at=datetime.now(UTC), **fields)
+
+
+def test_a_reused_workspace_id_is_planned_as_missing_despite_the_old_tenants_fresh_cache(
+    database_url, conn
+):
+    add_workspace(conn, "acme", created_at=datetime.now(UTC) - timedelta(days=10))
+    assert run_simulated(database_url).refreshed == 1  # the old tenant's fresh cache
+    reuse(conn, "acme", config={"slots_per_day": 1})
+
+    summary = run_simulated(database_url)
+
+    assert (summary.missing_attempted, summary.refreshed) == (1, 1)
+    row = cache_row(conn, "acme")
+    assert row["workspace_created_at"] > datetime.now(UTC) - timedelta(minutes=5)
+    assert len(row["slots_utc"]) <= 31  # the new tenant's one slot a day (8 before)
+
+
+def test_the_first_failure_of_a_reused_workspace_id_drops_the_old_tenants_slots(
+    database_url, conn
+):
+    add_workspace(conn, "acme", created_at=datetime.now(UTC) - timedelta(days=10))
+    assert run_simulated(database_url).refreshed == 1
+    conn.execute("UPDATE workspace_availability_cache SET consecutive_failures = 4")
+    reuse(conn, "acme", config={"fail": "new tenant's calendar is not shared yet"})
+
+    summary = run_simulated(database_url)
+
+    assert summary.errors == 1
+    row = cache_row(conn, "acme")
+    assert row["slots_utc"] is None and row["refreshed_at"] is None
+    assert row["range_start"] is None and row["slot_count"] is None
+    assert row["consecutive_failures"] == 1
+    assert "not shared yet" in row["last_error"]

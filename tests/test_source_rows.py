@@ -31,7 +31,13 @@ from helpers import (
 from psycopg import sql
 
 from availability_cron import metrics, refresh, source
-from availability_cron.providers import FetchRequest, Provider, ProviderContext, ProviderRegistry
+from availability_cron.providers import (
+    FetchRequest,
+    Provider,
+    ProviderContext,
+    ProviderRegistry,
+    RetryableProviderError,
+)
 
 SOURCE = "availability_workspaces"
 VIEW = "tenants_v"
@@ -290,6 +296,121 @@ def test_prometheus_metrics_carry_the_invalid_source_rows(conn, view):
     text = metrics.render_prometheus(metrics.staleness(conn, view, NOW))
 
     assert "\navailability_cron_invalid_source_rows 1\n" in text
+
+
+# --- duplicate workspace ids (a join gone wrong) -----------------------------------------------
+
+
+class Failing(Provider):
+    """Always fails (retryable), and records whom it was asked for."""
+
+    name = "failing"
+    calls: list[str] = []
+
+    def fetch(self, request: FetchRequest) -> Any:
+        Failing.calls.append(request.workspace_id)
+        raise RetryableProviderError("upstream is down")
+
+
+def test_a_duplicated_missing_workspace_is_called_once_and_takes_one_slot_of_the_limit(
+    database_url, conn, view
+):
+    add_tenant(conn, "t-dup", days_old=3)
+    add_tenant(conn, "t-dup", days_old=3)
+    add_tenant(conn, "t-next", days_old=2)
+
+    summary = run(database_url, view, limit=2, concurrency=1)
+
+    assert Good.calls == ["t-dup", "t-next"]
+    assert summary.planned == 2 and summary.refreshed == 2 and summary.superseded == 0
+
+
+def test_a_duplicated_due_workspace_is_called_once_and_its_failures_count_once(
+    database_url, conn, view
+):
+    Failing.calls = []
+    for _ in range(2):
+        add_tenant(conn, "t-dup", provider="failing")
+    add_cache(conn, "t-dup", stale_at=NOW - timedelta(minutes=5),
+              refreshed_at=NOW - timedelta(minutes=6), slots=SLOTS, consecutive_failures=2)
+
+    summary = refresh.run_refresh(
+        make_settings(database_url, source_table=view),
+        make_runtime(database_url, providers={"failing": Failing}, clock=FakeClock(NOW)),
+        default_source=SOURCE,
+    )
+
+    assert Failing.calls == ["t-dup"]
+    assert (summary.planned, summary.errors) == (1, 1)
+    assert cache_row(conn, "t-dup")["consecutive_failures"] == 3
+
+
+def test_duplicates_pick_the_enabled_row_created_last(database_url, conn, view):
+    conn.execute("INSERT INTO tenants VALUES ('t-dup', 'nonesuch', '{}', true, %s),"
+                 " ('t-dup', 'good', '{}', true, %s), ('t-dup', 'nonesuch', '{}', false, %s)",
+                 (NOW - timedelta(days=3), NOW - timedelta(days=2), NOW - timedelta(days=1)))
+
+    summary = run(database_url, view)
+
+    assert Good.calls == ["t-dup"]
+    assert (summary.planned, summary.refreshed, summary.errors) == (1, 1, 0)
+
+
+def test_one_warning_per_run_names_the_duplicated_ids_and_counts_them_once(
+    database_url, conn, view, caplog
+):
+    for tenant, copies in (("t-a", 3), ("t-b", 2), ("t-1", 1)):
+        for _ in range(copies):
+            add_tenant(conn, tenant)
+
+    with caplog.at_level(logging.WARNING, logger="availability_cron"):
+        summary = run(database_url, view)
+
+    assert sorted(Good.calls) == ["t-1", "t-a", "t-b"]
+    assert summary.as_json()["invalidSourceRows"] == 3  # the rows beyond the one used
+    [warning] = [r for r in caplog.records if "source" in r.getMessage()]
+    assert "ignored 3 duplicate rows of 2 workspace ids ('t-a', 't-b')" in warning.getMessage()
+
+
+def test_metrics_count_a_duplicated_workspace_once(conn, view):
+    for _ in range(3):
+        add_tenant(conn, "t-dup")
+    add_tenant(conn, "t-1")
+    add_tenant(conn, "t-2")
+    for tenant in ("t-dup", "t-1"):
+        add_cache(conn, tenant, stale_at=NOW - timedelta(minutes=1),
+                  refreshed_at=NOW - timedelta(minutes=2), slots=SLOTS)
+
+    got = metrics.staleness(conn, view, NOW).as_json()
+
+    assert {k: got[k] for k in ("workspaces", "caches", "missingCaches", "staleDue",
+                                "invalidSourceRows")} == {
+        "workspaces": 3, "caches": 2, "missingCaches": 1, "staleDue": 2,
+        "invalidSourceRows": 2,
+    }
+    assert [w.workspace_id for w in metrics.workspace_staleness(conn, view, NOW)] == [
+        "t-1", "t-dup"]
+
+
+def test_show_and_refresh_workspace_of_a_duplicated_id_use_the_row_created_last(
+    database_url, conn, view
+):
+    conn.execute("INSERT INTO tenants VALUES ('t-dup', 'nonesuch', '{}', true, %s),"
+                 " ('t-dup', 'good', '{}', true, %s)",
+                 (NOW - timedelta(days=3), NOW - timedelta(days=2)))
+    conn.execute("INSERT INTO tenants VALUES ('t-dup', 'nonesuch', '{}', true, %s)",
+                 (NOW - timedelta(days=4),))
+
+    summary = refresh.refresh_workspace(
+        make_settings(database_url, source_table=view),
+        make_runtime(database_url, providers={"good": Good}, clock=FakeClock(NOW)),
+        "t-dup", default_source=SOURCE)
+
+    assert summary.success and Good.calls == ["t-dup"]
+    env = clean_env(DATABASE_URL=database_url, AVAILABILITY_CRON_SOURCE_TABLE=view)
+    shown = run_cli("show", "t-dup", "--format", "json", env=env)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.json()["source"]["provider"] == "good"
 
 
 # --- provider_config over the caps ------------------------------------------------------------

@@ -322,7 +322,11 @@ def read_feed_file(path: str, environ: Mapping[str, str]) -> str:
     except (OSError, RuntimeError, ValueError):  # RuntimeError: a symlink loop
         raise PermanentProviderError("ics: provider_config.path cannot be resolved") from None
     if not root.is_dir():
-        raise PermanentProviderError(f"ics: {FILE_ROOT_ENV} does not name a directory")
+        if root.exists():
+            raise PermanentProviderError(f"ics: {FILE_ROOT_ENV} is not a directory")
+        # Most likely a volume not mounted (yet): retried with backoff, not given up on.
+        raise RetryableProviderError(
+            f"ics: {FILE_ROOT_ENV} names no directory (is its volume mounted?)")
     if target == root or not target.is_relative_to(root):
         raise PermanentProviderError(
             f"ics: provider_config.path must name a file inside {FILE_ROOT_ENV}; "
