@@ -456,17 +456,31 @@ def _fetch(provider: Provider, ctx: CallContext, item: PlannedRefresh, window_st
 
 @dataclass(frozen=True)
 class SweepResult:
+    """The counts of one sweep. Always: ``started = succeeded + failed + lost + interrupted``
+    and ``len(queue) = started + skipped_deadline + not_started``."""
+
+    #: Calls started.
     started: int
+    #: Calls that succeeded, their result written.
     succeeded: int
+    #: Calls that failed, their error written (abandoned calls included).
     failed: int
     #: Planned but never started because the deadline margin was reached.
     skipped_deadline: int
-    #: Started but still running at budget + grace; recorded as timeouts.
+    #: Started but still running at budget + grace; recorded as timeouts (part of failed).
     abandoned: int
-    #: Successes not written because a newer success was already stored.
+    #: Successes not written because a newer success was already stored (part of succeeded).
     superseded: int
     missing_started: int
     stale_started: int
+    #: Finished calls whose results were never stored: their batch's write failed, or the
+    #: run stopped (a lost connection) before writing them.
+    lost: int = 0
+    #: Calls still running when the run stopped early (a lost connection, a signal): not
+    #: waited for, nothing stored.
+    interrupted: int = 0
+    #: Planned but never started because the run stopped early (not the deadline).
+    not_started: int = 0
 
 
 @dataclass(frozen=True)
@@ -523,6 +537,7 @@ def sweep(
     try:
         return state.run()
     except AvailabilityCronError as exc:
+        state.give_up()
         exc.partial = state.result()  # type: ignore[attr-defined]
         raise
 
@@ -567,6 +582,9 @@ class _Sweep:
         self.oldest_unwritten = 0.0
         self.started = self.missing_started = self.stale_started = 0
         self.succeeded = self.failed = self.superseded = self.abandoned = 0
+        self.lost = self.interrupted = 0
+        #: The deadline margin, not an early stop, is why the rest of the queue did not start.
+        self.deadline_reached = False
 
     def run(self) -> SweepResult:
         executor = ThreadPoolExecutor(max_workers=self.concurrency,
@@ -600,16 +618,30 @@ class _Sweep:
         return self.result()
 
     def result(self) -> SweepResult:
+        left = len(self.queue) - self.started
         return SweepResult(
             started=self.started,
             succeeded=self.succeeded,
             failed=self.failed,
-            skipped_deadline=len(self.queue) - self.started,
+            skipped_deadline=left if self.deadline_reached else 0,
             abandoned=self.abandoned,
             superseded=self.superseded,
             missing_started=self.missing_started,
             stale_started=self.stale_started,
+            lost=self.lost,
+            interrupted=self.interrupted,
+            not_started=0 if self.deadline_reached else left,
         )
+
+    def give_up(self) -> None:
+        """The sweep is failing: count what finished but was not written as lost, and the
+        calls still running as interrupted (neither is waited for)."""
+        self.exhausted = True
+        self.lost += len(self.unwritten)
+        self.unwritten = []
+        self.interrupted += len(self.pending)
+        self.pending.clear()
+        self.submitted_at.clear()
 
     def _check_alive(self) -> None:
         if self.alive is None or self.monotonic() < self.next_check:
@@ -626,7 +658,7 @@ class _Sweep:
     def _fill(self, executor: ThreadPoolExecutor) -> None:
         while not self.exhausted and len(self.pending) < self.concurrency:
             if self.deadline - self.monotonic() < self.margin:
-                self.exhausted = True
+                self.exhausted = self.deadline_reached = True
                 return
             item = next(self.items, None)
             if item is None:
@@ -652,11 +684,17 @@ class _Sweep:
         if not (force or due or len(self.unwritten) >= FLUSH_ROWS):
             return
         batch, self.unwritten = self.unwritten, []
-        stored = self.write(batch)
+        try:
+            stored = self.write(batch)
+        except BaseException:
+            self.lost += len(batch)
+            raise
         ok = sum(1 for o in batch if o.ok)
         self.succeeded += ok
         self.failed += len(batch) - ok
         self.superseded += ok - stored
+        # Counted once written: an abandoned call whose timeout was never stored is lost.
+        self.abandoned += sum(1 for o in batch if o.abandoned)
         self._report()
 
     def _report(self) -> None:
@@ -677,7 +715,6 @@ class _Sweep:
         for future, item in self.pending.items():
             self._collect(Outcome(item, self.submitted_at[future], now, now, now,
                                   error=ABANDONED_ERROR, abandoned=True))
-            self.abandoned += 1
         self.pending.clear()
         self.submitted_at.clear()
 
@@ -771,7 +808,12 @@ def write_outcomes(conn: db.Connection, outcomes: Sequence[Outcome], policy: Wri
 
 @dataclass(frozen=True)
 class RunSummary:
-    """The one JSON object a run prints (keys as the dashboards know them)."""
+    """The one JSON object a run prints (keys as the dashboards know them).
+
+    The counts always add up: ``attempted = refreshed + errors + lost + interrupted`` and
+    ``planned = attempted + skippedDeadline + notStarted``; ``superseded`` is part of
+    ``refreshed`` and ``unfinished`` part of ``errors``.
+    """
 
     success: bool
     skipped: bool
@@ -791,6 +833,12 @@ class RunSummary:
     skipped_deadline: int = 0
     unfinished: int = 0
     superseded: int = 0
+    #: Finished calls whose results could not be stored (see SweepResult.lost).
+    lost: int = 0
+    #: Calls still running when the run stopped early (see SweepResult.interrupted).
+    interrupted: int = 0
+    #: Planned but not started because the run stopped early (see SweepResult.not_started).
+    not_started: int = 0
     #: Source rows breaking the contract on a key column (source.InvalidRows), named in a
     #: WARNING: skipped, or (a NULL created_at) planned after every dated workspace.
     invalid_source_rows: int = 0
@@ -819,6 +867,9 @@ class RunSummary:
             "skippedDeadline": self.skipped_deadline,
             "unfinished": self.unfinished,
             "superseded": self.superseded,
+            "lost": self.lost,
+            "interrupted": self.interrupted,
+            "notStarted": self.not_started,
             "invalidSourceRows": self.invalid_source_rows,
             "finishedWithinBudget": self.finished_within_budget,
         }
@@ -881,9 +932,15 @@ def _sweep_summary(
         skipped_deadline=result.skipped_deadline,
         unfinished=result.abandoned,
         superseded=result.superseded,
+        lost=result.lost,
+        interrupted=result.interrupted,
+        not_started=result.not_started,
         finished_within_budget=(
             result.skipped_deadline == 0
+            and result.not_started == 0
             and result.abandoned == 0
+            and result.lost == 0
+            and result.interrupted == 0
             and duration_ms <= settings.time_budget_ms
         ),
         **fields,

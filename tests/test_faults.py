@@ -6,8 +6,10 @@ operator, a failover or a pooler would.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
+from typing import Any
 
 import psycopg
 import pytest
@@ -133,3 +135,50 @@ def test_a_run_failing_midway_still_counts_the_work_it_wrote(database_url, conn)
     assert summary["planned"] == 40
     assert summary["refreshed"] == written >= 3
     assert summary["attempted"] >= summary["refreshed"]
+
+
+def assert_summary_adds_up(summary: dict[str, Any]) -> None:
+    """The identities the README promises for every summary (see RunSummary)."""
+    counts = {k: summary.get(k, 0) for k in (
+        "planned", "attempted", "refreshed", "errors", "lost", "interrupted",
+        "skippedDeadline", "notStarted")}
+    assert counts["attempted"] == (counts["refreshed"] + counts["errors"] + counts["lost"]
+                                   + counts["interrupted"]), counts
+    assert counts["planned"] == (counts["attempted"] + counts["skippedDeadline"]
+                                 + counts["notStarted"]), counts
+
+
+@pytest.mark.parametrize("purpose", ["work", "lock"])
+def test_the_summary_of_a_run_failing_midway_adds_up(database_url, conn, purpose):
+    # Four workers, so that calls are in flight when the connection dies; a 20 s budget,
+    # so that no entry is left out for the deadline.
+    for i in range(40):
+        add_workspace(conn, f"ws-{i:02d}", config={"latency_ms": 250})
+    env = clean_env(DATABASE_URL=database_url, AVAILABILITY_CRON_TIME_BUDGET_MS="20000",
+                    AVAILABILITY_CRON_DEADLINE_MARGIN_MS="1000",
+                    AVAILABILITY_CRON_CONCURRENCY="4")
+    proc = subprocess.Popen([CLI, "refresh"], env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        pid = wait_for_backend(conn, purpose)
+        wait_for_caches(conn, 4)
+        conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        stdout, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 1, stderr
+    summary = json.loads(stdout)
+    written = conn.execute(
+        "SELECT count(*) FROM workspace_availability_cache WHERE refreshed_at IS NOT NULL"
+    ).fetchone()[0]
+    assert summary["refreshed"] == written
+    assert_summary_adds_up(summary)
+    # Nothing was left out for the deadline: what did not start, did not because the run
+    # stopped.
+    assert summary["skippedDeadline"] == 0
+    assert summary["notStarted"] > 0
+    if purpose == "work":
+        # Every write after the kill carries at least one result: those are lost.
+        assert summary["lost"] >= 1
