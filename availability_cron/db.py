@@ -8,7 +8,10 @@ escapes :func:`translate_errors`.
 from __future__ import annotations
 
 import logging
+import os
 import re
+import socket
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -192,6 +195,68 @@ def bounded_transaction(conn: Connection, ms: int) -> Iterator[None]:
     with conn.transaction():
         conn.execute(queries.SET_LOCAL_TIMEOUTS, {"ms": str(ms)})
         yield
+
+
+@contextmanager
+def answer_within(seconds: float, *conns: Connection) -> Iterator[None]:
+    """Bound the block's round trips on ``conns`` on the client side, to ``seconds``.
+
+    psycopg cannot time a query out by itself, and a server-side statement_timeout
+    means nothing when the network drops every packet: a call would wait on its socket
+    for the TCP user timeout (30 s), or for ever behind a middlebox that still acks. So
+    a watchdog thread shuts the connections' sockets down once ``seconds`` have passed
+    while the block still runs (at once for ``seconds`` <= 0): the blocked call returns
+    with an error, the connection is dead from then on, and the server drops its session
+    (and any advisory lock) when it sees the socket close. An error the block raises
+    after the cut is raised as ConnectionLost saying so; a block that ends in time is
+    left alone.
+    """
+    guard = threading.Lock()
+    done = cut = False
+
+    def shut_down() -> None:
+        nonlocal cut
+        with guard:
+            if done:
+                return
+            cut = True
+            for conn in conns:
+                _shut_down_socket(conn)
+
+    timer = threading.Timer(max(0.0, seconds), shut_down)
+    timer.daemon = True
+    timer.name = "db-watchdog"
+    timer.start()
+    try:
+        yield
+    except (psycopg.Error, ConnectionLost):
+        if cut:
+            raise ConnectionLost(
+                f"the database did not answer within {max(0.0, seconds):.1f}s, what was left "
+                "of the run's time budget and grace (network down, or the server stalled?)"
+            ) from None
+        raise
+    finally:
+        with guard:
+            done = True
+        timer.cancel()
+
+
+def _shut_down_socket(conn: Connection) -> None:
+    """Shut the connection's socket down (both ways) under libpq, which keeps its own fd."""
+    try:
+        fd = conn.fileno()
+    except psycopg.Error:  # closed already
+        return
+    try:
+        sock = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return
+    with sock:  # closes the duplicate only; the shutdown acts on the connection itself
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 def _reason(exc: BaseException, secrets: list[str]) -> str:

@@ -24,6 +24,7 @@ import traceback
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -32,6 +33,9 @@ from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 
 from . import db, lock, queries
+
+# GRACE_SECONDS: how long past the budget calls are waited for (the run's bounds: deadline.py).
+from .deadline import CLOSE_SECONDS, GRACE_SECONDS, Deadline
 from .errors import AvailabilityCronError, ConfigError, ConnectionLost
 from .providers import (
     FetchRequest,
@@ -46,9 +50,6 @@ from .source import caps, row_error, warn_invalid_rows
 
 log = logging.getLogger(__name__)
 
-#: How long past the budget we wait for calls that ignore their timeout before
-#: abandoning them (recorded as timeouts) and ending the run.
-GRACE_SECONDS = 2.0
 #: A stored error message is cut to this many characters.
 MAX_ERROR_CHARS = 500
 #: More slots than this from one workspace is garbage, not availability
@@ -61,6 +62,8 @@ TTL_JITTER = 0.1
 BACKOFF_JITTER = 0.2
 #: How often the sweep checks that the lock connection (and so the lock) is still alive.
 LOCK_CHECK_SECONDS = 1.0
+#: A write's server-side bounds end this much before its client-side bound.
+SERVER_FIRST_SECONDS = 0.25
 ABANDONED_ERROR = (
     "[retryable] timed out: the provider call was still running at the end of the time budget"
 )
@@ -974,10 +977,16 @@ def _run_sweep(
         rng=rt.rng,
     )
 
+    bounds = Deadline.of(rt.started_monotonic, settings.time_budget_ms, rt.monotonic)
+
     def write(outcomes: Sequence[Outcome]) -> int:
-        left_ms = int((deadline + GRACE_SECONDS - rt.monotonic()) * 1000)
-        # Bounds local to the write's transaction: DATABASE_URL may be a transaction pooler.
-        with db.translate_errors(secrets), db.bounded_transaction(work, max(1000, left_ms)):
+        left = bounds.database_left()
+        # The server's bounds, local to the write's transaction (DATABASE_URL may be a
+        # transaction pooler), stop a lock wait, a little before the client's, which stop
+        # a silent network: the server's error says what held the write.
+        server_ms = max(100, int((left - SERVER_FIRST_SECONDS) * 1000))
+        with db.translate_errors(secrets), db.answer_within(left, work), \
+                db.bounded_transaction(work, server_ms):
             return write_outcomes(work, outcomes, policy)
 
     try:
@@ -1005,7 +1014,7 @@ def _run_sweep(
         _close_bounded(rt.registry)
 
 
-def _close_bounded(registry: ProviderRegistry, seconds: float = 2.0) -> None:
+def _close_bounded(registry: ProviderRegistry, seconds: float = CLOSE_SECONDS) -> None:
     """Close the providers, but never wait more than ``seconds``: a plugin's close() may hang
     on a worker that is itself hung, and the lock must still be released."""
     closer = threading.Thread(target=registry.close, name="refresh-close", daemon=True)
@@ -1027,28 +1036,38 @@ def run_refresh(
     ``on_progress``: see :func:`sweep` (the CLI passes a display when stderr is a terminal).
     """
     secrets = settings.secrets()
+    bounds = Deadline.of(rt.started_monotonic, settings.time_budget_ms, rt.monotonic)
     with db.translate_errors(secrets):
         lock_conn = rt.connect("lock")
+
+        def answering(*conns: db.Connection) -> AbstractContextManager[None]:
+            # Every round trip waits at most for what is left of budget + grace (deadline.py).
+            return db.answer_within(bounds.database_left(), *conns)
+
         try:
             with rt.connect("work") as work:
-                # First: a lock taken in another database, or on a server session that a
-                # pooler shares with the work connection, keeps nothing apart.
-                db.ensure_same_database(lock_conn, work)
-                db.ensure_primary(lock_conn)
-                db.ensure_schema(lock_conn, settings.source_table, default_source)
-                with lock.take(lock_conn, settings.lock_key) as taken:
+                with answering(lock_conn, work):
+                    # First: a lock taken in another database, or on a server session that
+                    # a pooler shares with the work connection, keeps nothing apart.
+                    db.ensure_same_database(lock_conn, work)
+                    db.ensure_primary(lock_conn)
+                    db.ensure_schema(lock_conn, settings.source_table, default_source)
+                with lock.take(lock_conn, settings.lock_key,
+                               guard=lambda: answering(lock_conn)) as taken:
                     if taken is None:
-                        return _skipped(settings, rt,
-                                        lock.find_holder(lock_conn, settings.lock_key))
+                        with answering(lock_conn):
+                            holder = lock.find_holder(lock_conn, settings.lock_key)
+                        return _skipped(settings, rt, holder)
                     now = rt.clock()
-                    the_plan = plan(
-                        fetch_due(work, settings.source_table, now, settings.limit),
-                        fetch_missing(work, settings.source_table, settings.limit),
-                        limit=settings.limit,
-                        reserve=settings.missing_reserve,
-                        now=now,
-                    )
-                    invalid = warn_invalid_rows(work, settings.source_table)
+                    with answering(work):
+                        the_plan = plan(
+                            fetch_due(work, settings.source_table, now, settings.limit),
+                            fetch_missing(work, settings.source_table, settings.limit),
+                            limit=settings.limit,
+                            reserve=settings.missing_reserve,
+                            now=now,
+                        )
+                        invalid = warn_invalid_rows(work, settings.source_table)
                     log.info(
                         "planned %d refreshes (%d missing, %d stale)",
                         len(the_plan.queue), the_plan.missing, the_plan.stale,
@@ -1110,10 +1129,12 @@ def refresh_workspace(
     older data. ``success`` is False when that one refresh failed.
     """
     secrets = settings.secrets()
+    bounds = Deadline.of(rt.started_monotonic, settings.time_budget_ms, rt.monotonic)
     with db.translate_errors(secrets), rt.connect("work") as work:
-        db.ensure_primary(work)
-        db.ensure_schema(work, settings.source_table, default_source)
-        state = fetch_workspace(work, settings.source_table, workspace_id)
+        with db.answer_within(bounds.database_left(), work):
+            db.ensure_primary(work)
+            db.ensure_schema(work, settings.source_table, default_source)
+            state = fetch_workspace(work, settings.source_table, workspace_id)
         if state is None:
             raise ConfigError(
                 f"--workspace: no workspace {workspace_id!r} in {settings.source_table}"
