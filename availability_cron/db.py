@@ -12,7 +12,8 @@ import os
 import re
 import socket
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -197,49 +198,55 @@ def bounded_transaction(conn: Connection, ms: int) -> Iterator[None]:
         yield
 
 
+#: How often a round trip's watchdog re-reads what is left of its bound.
+WATCH_SECONDS = 0.05
+
+
 @contextmanager
-def answer_within(seconds: float, *conns: Connection) -> Iterator[None]:
-    """Bound the block's round trips on ``conns`` on the client side, to ``seconds``.
+def answer_within(left: Callable[[], float], *conns: Connection) -> Iterator[None]:
+    """Bound the block's round trips on ``conns`` on the client side: ``left()`` is the
+    time left for them, in seconds, read again every WATCH_SECONDS (so it may shrink).
 
     psycopg cannot time a query out by itself, and a server-side statement_timeout
     means nothing when the network drops every packet: a call would wait on its socket
     for the TCP user timeout (30 s), or for ever behind a middlebox that still acks. So
-    a watchdog thread shuts the connections' sockets down once ``seconds`` have passed
-    while the block still runs (at once for ``seconds`` <= 0): the blocked call returns
-    with an error, the connection is dead from then on, and the server drops its session
-    (and any advisory lock) when it sees the socket close. An error the block raises
-    after the cut is raised as ConnectionLost saying so; a block that ends in time is
-    left alone.
+    a watchdog thread shuts the connections' sockets down once ``left()`` reaches 0
+    while the block still runs: the blocked call returns with an error, the connection
+    is dead from then on, and the server drops its session (and any advisory lock) when
+    it sees the socket close. An error the block raises after the cut is raised as
+    ConnectionLost saying so; a block that ends in time is left alone.
     """
     guard = threading.Lock()
-    done = cut = False
+    done = threading.Event()
+    cut = False
+    started = time.monotonic()
 
-    def shut_down() -> None:
+    def watch() -> None:
         nonlocal cut
+        while (remaining := left()) > 0:
+            if done.wait(min(remaining, WATCH_SECONDS)):
+                return
         with guard:
-            if done:
+            if done.is_set():
                 return
             cut = True
             for conn in conns:
                 _shut_down_socket(conn)
 
-    timer = threading.Timer(max(0.0, seconds), shut_down)
-    timer.daemon = True
-    timer.name = "db-watchdog"
-    timer.start()
+    watchdog = threading.Thread(target=watch, name="db-watchdog", daemon=True)
+    watchdog.start()
     try:
         yield
     except (psycopg.Error, ConnectionLost):
         if cut:
             raise ConnectionLost(
-                f"the database did not answer within {max(0.0, seconds):.1f}s, what was left "
-                "of the run's time budget and grace (network down, or the server stalled?)"
+                f"the database did not answer within {time.monotonic() - started:.1f}s, the "
+                "time the run had left for it (network down, or the server stalled?)"
             ) from None
         raise
     finally:
         with guard:
-            done = True
-        timer.cancel()
+            done.set()
 
 
 def _shut_down_socket(conn: Connection) -> None:

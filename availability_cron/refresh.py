@@ -35,7 +35,7 @@ from psycopg.types.json import Jsonb
 from . import db, lock, queries
 
 # GRACE_SECONDS: how long past the budget calls are waited for (the run's bounds: deadline.py).
-from .deadline import CLOSE_SECONDS, GRACE_SECONDS, Deadline
+from .deadline import CLOSE_SECONDS, GRACE_SECONDS, Deadline, StopRequest, database_left
 from .errors import AvailabilityCronError, ConfigError, ConnectionLost
 from .providers import (
     FetchRequest,
@@ -484,6 +484,10 @@ class SweepResult:
     interrupted: int = 0
     #: Planned but never started because the run stopped early (not the deadline).
     not_started: int = 0
+    #: Why the sweep stopped early on request (a signal's name), if it did.
+    stopped: str | None = None
+    #: The error that kept the results finished at the stop from being written, if any.
+    stop_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -514,6 +518,7 @@ def sweep(
     monotonic: Callable[[], float],
     alive: Callable[[], bool] | None = None,
     on_progress: Callable[[SweepProgress], None] | None = None,
+    stop: StopRequest | None = None,
 ) -> SweepResult:
     """Run ``queue`` in order on ``concurrency`` threads and ``write`` results as they finish.
 
@@ -534,9 +539,14 @@ def sweep(
     ``on_progress`` (a display) is called on this thread when the sweep starts and after
     each written batch; it must be quick. If it raises, it is not called again and the
     sweep goes on.
+
+    ``stop`` is read at least every STOP_POLL_SECONDS: once requested, no call starts,
+    the calls still running are left (counted as interrupted), what finished is written
+    (a failure to write it is kept in ``stop_error``, those results counted as lost) and
+    the result carries ``stopped``.
     """
     state = _Sweep(queue, call, write, concurrency, deadline, margin, grace, clock,
-                   monotonic, alive, on_progress)
+                   monotonic, alive, on_progress, stop)
     try:
         return state.run()
     except AvailabilityCronError as exc:
@@ -549,6 +559,8 @@ def sweep(
 FLUSH_ROWS = 100
 #: ...or once its oldest result has waited this long, whichever comes first.
 FLUSH_SECONDS = 0.2
+#: The longest the sweep goes without looking at a stop request.
+STOP_POLL_SECONDS = 0.1
 
 
 class _Sweep:
@@ -567,8 +579,12 @@ class _Sweep:
         monotonic: Callable[[], float],
         alive: Callable[[], bool] | None = None,
         on_progress: Callable[[SweepProgress], None] | None = None,
+        stop: StopRequest | None = None,
     ) -> None:
         self.queue, self.call, self.write = queue, call, write
+        self.stop = stop
+        self.stopped: str | None = None
+        self.stop_error: str | None = None
         self.alive = alive
         self.on_progress = on_progress
         self.next_check = monotonic() + LOCK_CHECK_SECONDS
@@ -595,6 +611,9 @@ class _Sweep:
         self._report()
         try:
             while True:
+                if self.stop is not None and self.stop.reason is not None:
+                    self._stop_early(self.stop.reason)
+                    break
                 self._check_alive()
                 self._fill(executor)
                 if not self.pending:
@@ -608,6 +627,8 @@ class _Sweep:
                     remaining = min(remaining, max(0.0, flush_in))
                 if self.alive is not None:
                     remaining = min(remaining, max(0.0, self.next_check - self.monotonic()))
+                if self.stop is not None:
+                    remaining = min(remaining, STOP_POLL_SECONDS)
                 done, _ = wait(self.pending, timeout=remaining, return_when=FIRST_COMPLETED)
                 for future in done:
                     del self.pending[future]
@@ -634,7 +655,22 @@ class _Sweep:
             lost=self.lost,
             interrupted=self.interrupted,
             not_started=0 if self.deadline_reached else left,
+            stopped=self.stopped,
+            stop_error=self.stop_error,
         )
+
+    def _stop_early(self, reason: str) -> None:
+        log.warning("%s received: starting no more calls; writing what finished, leaving "
+                    "%d calls running", reason, len(self.pending))
+        self.stopped = reason
+        self.exhausted = True
+        self.interrupted += len(self.pending)
+        self.pending.clear()
+        self.submitted_at.clear()
+        try:
+            self._flush(force=True)
+        except AvailabilityCronError as exc:  # counted as lost; the stop is still the story
+            self.stop_error = exc.message
 
     def give_up(self) -> None:
         """The sweep is failing: count what finished but was not written as lost, and the
@@ -660,6 +696,8 @@ class _Sweep:
 
     def _fill(self, executor: ThreadPoolExecutor) -> None:
         while not self.exhausted and len(self.pending) < self.concurrency:
+            if self.stop is not None and self.stop.requested():
+                return
             if self.deadline - self.monotonic() < self.margin:
                 self.exhausted = self.deadline_reached = True
                 return
@@ -959,6 +997,7 @@ def _run_sweep(
     alive: Callable[[], bool] | None = None,
     on_progress: Callable[[SweepProgress], None] | None = None,
     invalid_source_rows: int = 0,
+    stop: StopRequest | None = None,
 ) -> SweepResult:
     deadline = rt.started_monotonic + settings.time_budget_ms / 1000
     secrets = settings.secrets()
@@ -979,12 +1018,15 @@ def _run_sweep(
 
     bounds = Deadline.of(rt.started_monotonic, settings.time_budget_ms, rt.monotonic)
 
+    def left() -> float:
+        return database_left(bounds, stop)
+
     def write(outcomes: Sequence[Outcome]) -> int:
-        left = bounds.database_left()
+        left_now = left()
         # The server's bounds, local to the write's transaction (DATABASE_URL may be a
         # transaction pooler), stop a lock wait, a little before the client's, which stop
         # a silent network: the server's error says what held the write.
-        server_ms = max(100, int((left - SERVER_FIRST_SECONDS) * 1000))
+        server_ms = max(100, int((left_now - SERVER_FIRST_SECONDS) * 1000))
         with db.translate_errors(secrets), db.answer_within(left, work), \
                 db.bounded_transaction(work, server_ms):
             return write_outcomes(work, outcomes, policy)
@@ -1001,13 +1043,17 @@ def _run_sweep(
             monotonic=rt.monotonic,
             alive=alive,
             on_progress=on_progress,
+            stop=stop,
         )
     except AvailabilityCronError as exc:
         partial = getattr(exc, "partial", None)
         if isinstance(partial, SweepResult):
+            reason, error = "error", exc.message
+            if stop is not None and stop.reason is not None:  # it failed while stopping
+                reason, error = "terminated", f"stopped by {stop.reason}, then: {exc.message}"
             exc.summary = _sweep_summary(
                 settings, rt, len(queue), partial, success=False, skipped=False,
-                reason="error", error=exc.message, invalid_source_rows=invalid_source_rows,
+                reason=reason, error=error, invalid_source_rows=invalid_source_rows,
             )
         raise
     finally:
@@ -1030,10 +1076,14 @@ def run_refresh(
     *,
     default_source: str,
     on_progress: Callable[[SweepProgress], None] | None = None,
+    stop: StopRequest | None = None,
 ) -> RunSummary:
     """The cron run: lock, plan, sweep, summary. Raises AvailabilityCronError on real failures.
 
     ``on_progress``: see :func:`sweep` (the CLI passes a display when stderr is a terminal).
+    ``stop`` (the CLI's SIGTERM/SIGINT handler sets it): the sweep stops early, and the
+    summary is a failure with reason "terminated" (nothing else changes; a stop requested
+    after the sweep ended is ignored: the run is already reporting).
     """
     secrets = settings.secrets()
     bounds = Deadline.of(rt.started_monotonic, settings.time_budget_ms, rt.monotonic)
@@ -1041,8 +1091,9 @@ def run_refresh(
         lock_conn = rt.connect("lock")
 
         def answering(*conns: db.Connection) -> AbstractContextManager[None]:
-            # Every round trip waits at most for what is left of budget + grace (deadline.py).
-            return db.answer_within(bounds.database_left(), *conns)
+            # Every round trip waits at most for what is left of budget + grace, or of the
+            # stop's bound once a stop is requested (deadline.py).
+            return db.answer_within(lambda: database_left(bounds, stop), *conns)
 
         try:
             with rt.connect("work") as work:
@@ -1077,7 +1128,14 @@ def run_refresh(
                         alive=taken.alive,
                         on_progress=on_progress,
                         invalid_source_rows=invalid,
+                        stop=stop,
                     )
+                    if result.stopped is not None:
+                        return _sweep_summary(
+                            settings, rt, len(the_plan.queue), result,
+                            success=False, skipped=False, reason="terminated",
+                            invalid_source_rows=invalid, error=_stopped_error(result),
+                        )
                     return _sweep_summary(
                         settings, rt, len(the_plan.queue), result,
                         success=True, skipped=False, reason=None,
@@ -1085,6 +1143,14 @@ def run_refresh(
                     )
         finally:
             lock_conn.close()
+
+
+def _stopped_error(result: SweepResult) -> str:
+    error = (f"stopped by {result.stopped}: {result.not_started} planned refreshes not "
+             f"started, {result.interrupted} calls left running")
+    if result.stop_error is not None:
+        error += f"; {result.lost} finished results could not be written: {result.stop_error}"
+    return error
 
 
 def stuck_after_seconds(settings: Settings) -> float:
@@ -1131,7 +1197,7 @@ def refresh_workspace(
     secrets = settings.secrets()
     bounds = Deadline.of(rt.started_monotonic, settings.time_budget_ms, rt.monotonic)
     with db.translate_errors(secrets), rt.connect("work") as work:
-        with db.answer_within(bounds.database_left(), work):
+        with db.answer_within(bounds.database_left, work):
             db.ensure_primary(work)
             db.ensure_schema(work, settings.source_table, default_source)
             state = fetch_workspace(work, settings.source_table, workspace_id)

@@ -337,3 +337,13 @@ def test_the_cronjob_runs_unprivileged_on_a_read_only_root_with_bounded_resource
     assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
     assert {"cpu", "memory"} <= set(container["resources"]["requests"])
     assert "memory" in container["resources"]["limits"]
+
+
+def test_a_run_stopped_by_sigterm_has_time_to_report_before_sigkill(cronjob):
+    # systemd (systemctl stop, or TimeoutStartSec) and Kubernetes (activeDeadlineSeconds,
+    # a pod deletion) send SIGTERM, then SIGKILL after their stop window; the run's stop
+    # path (write what finished, close providers, /fail ping, run history) must fit it.
+    service = read_unit(SERVICE)["Service"]
+
+    assert deadline.stop_seconds() < seconds(service["TimeoutStopSec"]) < 60
+    assert deadline.stop_seconds() < pod_spec(cronjob)["terminationGracePeriodSeconds"] < 60
