@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
     from contextlib import AbstractContextManager
 
+    from .deadline import StopRequest
     from .metrics import StalenessReport, WorkspaceStaleness
     from .ping import Pinger
     from .refresh import RunSummary, Runtime, SweepProgress
@@ -422,6 +423,8 @@ def refresh(
     from .settings import SPEC_BY_FIELD as specs
 
     default_source = str(specs["source_table"].default)
+    # The cron run (systemd, Kubernetes) reports even when stopped by a signal.
+    stop = None if dry_run or workspace is not None else _stop_on_signals()
     rt = _runtime(settings, run_id, started, environ)
     # The dead-man's switch watches the cron run only: a dry run does nothing, and a manual
     # --workspace run must neither page anyone nor stand in for a cron run that is missing.
@@ -440,7 +443,7 @@ def refresh(
         else:
             with _progress_display() as on_progress:
                 summary = run_refresh(settings, rt, default_source=default_source,
-                                      on_progress=on_progress)
+                                      on_progress=on_progress, stop=stop)
         if not summary.success:
             code = ExitCode.FAILURE
             sys.stderr.write(f"availability-cron: failed: {summary.error}\n")
@@ -473,6 +476,32 @@ def refresh(
     _record_run(settings, rt, summary)  # best effort: never changes the code or the output
     log.info("run finished: %s", "ok" if code == ExitCode.OK else "failed")
     _exit(code)
+
+
+def _stop_on_signals() -> StopRequest:
+    """Make SIGTERM and SIGINT ask the run to stop (run_refresh's ``stop``): it then
+    starts no more calls, writes what finished, and reports as a failure (reason
+    "terminated", exit 1) through the usual end: summary, /fail ping, run history.
+
+    A second signal ends the process at once with the shell's code for death by that
+    signal, 128 + its number: 143 for SIGTERM, 130 for SIGINT.
+    """
+    import signal
+
+    from .deadline import StopRequest
+
+    stop = StopRequest(time.monotonic)
+
+    def handle(signum: int, _frame: object) -> None:
+        name = signal.Signals(signum).name
+        if stop.requested():
+            os.write(2, f"availability-cron: second signal ({name}): exiting at once\n".encode())
+            os._exit(128 + signum)
+        stop.request(name)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, handle)
+    return stop
 
 
 def _new_run_uuid() -> uuid.UUID:

@@ -17,8 +17,12 @@ role (``ALTER DATABASE ... SET``) and a pooled session cannot be given its own:
 from __future__ import annotations
 
 import logging
+import os
 import re
-from collections.abc import Iterator
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -227,6 +231,74 @@ def bounded_transaction(conn: Connection, ms: int) -> Iterator[None]:
     with conn.transaction():
         conn.execute(queries.SET_LOCAL_TIMEOUTS, {"ms": str(ms)})
         yield
+
+
+#: How often a round trip's watchdog re-reads what is left of its bound.
+WATCH_SECONDS = 0.05
+
+
+@contextmanager
+def answer_within(left: Callable[[], float], *conns: Connection) -> Iterator[None]:
+    """Bound the block's round trips on ``conns`` on the client side: ``left()`` is the
+    time left for them, in seconds, read again every WATCH_SECONDS (so it may shrink).
+
+    psycopg cannot time a query out by itself, and a server-side statement_timeout
+    means nothing when the network drops every packet: a call would wait on its socket
+    for the TCP user timeout (30 s), or for ever behind a middlebox that still acks. So
+    a watchdog thread shuts the connections' sockets down once ``left()`` reaches 0
+    while the block still runs: the blocked call returns with an error, the connection
+    is dead from then on, and the server drops its session (and any advisory lock) when
+    it sees the socket close. An error the block raises after the cut is raised as
+    ConnectionLost saying so; a block that ends in time is left alone.
+    """
+    guard = threading.Lock()
+    done = threading.Event()
+    cut = False
+    started = time.monotonic()
+
+    def watch() -> None:
+        nonlocal cut
+        while (remaining := left()) > 0:
+            if done.wait(min(remaining, WATCH_SECONDS)):
+                return
+        with guard:
+            if done.is_set():
+                return
+            cut = True
+            for conn in conns:
+                _shut_down_socket(conn)
+
+    watchdog = threading.Thread(target=watch, name="db-watchdog", daemon=True)
+    watchdog.start()
+    try:
+        yield
+    except (psycopg.Error, ConnectionLost):
+        if cut:
+            raise ConnectionLost(
+                f"the database did not answer within {time.monotonic() - started:.1f}s, the "
+                "time the run had left for it (network down, or the server stalled?)"
+            ) from None
+        raise
+    finally:
+        with guard:
+            done.set()
+
+
+def _shut_down_socket(conn: Connection) -> None:
+    """Shut the connection's socket down (both ways) under libpq, which keeps its own fd."""
+    try:
+        fd = conn.fileno()
+    except psycopg.Error:  # closed already
+        return
+    try:
+        sock = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return
+    with sock:  # closes the duplicate only; the shutdown acts on the connection itself
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 def _reason(exc: BaseException, secrets: list[str]) -> str:

@@ -24,7 +24,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -34,7 +34,7 @@ import psycopg
 from psycopg.rows import class_row
 
 from . import queries
-from .errors import NotPermitted, NotPrimary, TransactionPooler
+from .errors import AvailabilityCronError, NotPermitted, NotPrimary, TransactionPooler
 
 log = logging.getLogger(__name__)
 
@@ -243,6 +243,10 @@ def release(conn: psycopg.Connection[Any], key: int) -> None:
                   "DATABASE_URL going through a transaction-mode pooler?")
 
 
+#: Wraps each round trip on the lock's connection, e.g. to bound it (db.answer_within).
+Guard = Callable[[], AbstractContextManager[object]]
+
+
 @dataclass(frozen=True)
 class HeldLock:
     """The lock, taken by the server session whose backend pid is ``backend_pid``."""
@@ -250,15 +254,24 @@ class HeldLock:
     conn: psycopg.Connection[Any]
     key: int
     backend_pid: int
+    guard: Guard = nullcontext
 
     def alive(self) -> bool:
-        """True while that same server session holds the lock and answers on ``conn``."""
-        return holds(self.conn, self.key, backend_pid=self.backend_pid)
+        """True while that same server session holds the lock and answers on ``conn``
+        (within the guard's bound: a check that does not answer in time is False)."""
+        try:
+            with self.guard():
+                return holds(self.conn, self.key, backend_pid=self.backend_pid)
+        except AvailabilityCronError:  # the guard cut the connection
+            return False
 
 
 @contextmanager
-def take(conn: psycopg.Connection[Any], key: int) -> Iterator[HeldLock | None]:
+def take(conn: psycopg.Connection[Any], key: int,
+         guard: Guard = nullcontext) -> Iterator[HeldLock | None]:
     """Take the lock for the block; yield it, or None when another session holds it.
+
+    ``guard`` wraps each round trip made on ``conn`` (taking, checking, releasing).
 
     On exit the lock is released if it was taken. Raises TransactionPooler (without
     holding the lock) when ``conn`` shares its server session with other clients: the
@@ -268,8 +281,9 @@ def take(conn: psycopg.Connection[Any], key: int) -> Iterator[HeldLock | None]:
     session down with it.
     """
     classid, objid = _split_key(key)
-    row = conn.execute(queries.TAKE_ADVISORY_LOCK,
-                       {"key": key, "classid": classid, "objid": objid}).fetchone()
+    with guard():
+        row = conn.execute(queries.TAKE_ADVISORY_LOCK,
+                           {"key": key, "classid": classid, "objid": objid}).fetchone()
     assert row is not None
     already_held, acquired, backend_pid = bool(row[0]), bool(row[1]), int(row[2])
     if already_held:
@@ -283,15 +297,22 @@ def take(conn: psycopg.Connection[Any], key: int) -> Iterator[HeldLock | None]:
         yield None
         return
     try:
-        if not holds(conn, key, backend_pid=backend_pid):
+        with guard():
+            still = holds(conn, key, backend_pid=backend_pid)
+        if not still:
             raise TransactionPooler(
                 f"the lock was taken by server session {backend_pid}, but the next statement "
                 "on the same connection ran on another session: the connection goes through a "
                 "pooler in transaction mode. " + _POOLER_FIX
             )
-        yield HeldLock(conn, key, backend_pid)
+        yield HeldLock(conn, key, backend_pid, guard)
     finally:
-        release(conn, key)
+        try:
+            with guard():
+                release(conn, key)
+        except AvailabilityCronError:  # cut by the guard: the server drops the lock itself
+            log.warning("the advisory lock was not released in time; the server drops it "
+                        "with the session")
 
 
 _POOLER_FIX = (

@@ -24,6 +24,7 @@ import traceback
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, TypeVar
@@ -32,6 +33,9 @@ from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 
 from . import db, lock, queries
+
+# GRACE_SECONDS: how long past the budget calls are waited for (the run's bounds: deadline.py).
+from .deadline import CLOSE_SECONDS, GRACE_SECONDS, Deadline, StopRequest, database_left
 from .errors import AvailabilityCronError, ConfigError, ConnectionLost
 from .providers import (
     FetchRequest,
@@ -46,9 +50,6 @@ from .source import caps, row_error, warn_invalid_rows
 
 log = logging.getLogger(__name__)
 
-#: How long past the budget we wait for calls that ignore their timeout before
-#: abandoning them (recorded as timeouts) and ending the run.
-GRACE_SECONDS = 2.0
 #: A stored error message is cut to this many characters.
 MAX_ERROR_CHARS = 500
 #: More slots than this from one workspace is garbage, not availability
@@ -61,6 +62,8 @@ TTL_JITTER = 0.1
 BACKOFF_JITTER = 0.2
 #: How often the sweep checks that the lock connection (and so the lock) is still alive.
 LOCK_CHECK_SECONDS = 1.0
+#: A write's server-side bounds end this much before its client-side bound.
+SERVER_FIRST_SECONDS = 0.25
 ABANDONED_ERROR = (
     "[retryable] timed out: the provider call was still running at the end of the time budget"
 )
@@ -478,17 +481,35 @@ def _fetch(provider: Provider, ctx: CallContext, item: PlannedRefresh, window_st
 
 @dataclass(frozen=True)
 class SweepResult:
+    """The counts of one sweep. Always: ``started = succeeded + failed + lost + interrupted``
+    and ``len(queue) = started + skipped_deadline + not_started``."""
+
+    #: Calls started.
     started: int
+    #: Calls that succeeded, their result written.
     succeeded: int
+    #: Calls that failed, their error written (abandoned calls included).
     failed: int
     #: Planned but never started because the deadline margin was reached.
     skipped_deadline: int
-    #: Started but still running at budget + grace; recorded as timeouts.
+    #: Started but still running at budget + grace; recorded as timeouts (part of failed).
     abandoned: int
-    #: Successes not written because a newer success was already stored.
+    #: Successes not written because a newer success was already stored (part of succeeded).
     superseded: int
     missing_started: int
     stale_started: int
+    #: Finished calls whose results were never stored: their batch's write failed, or the
+    #: run stopped (a lost connection) before writing them.
+    lost: int = 0
+    #: Calls still running when the run stopped early (a lost connection, a signal): not
+    #: waited for, nothing stored.
+    interrupted: int = 0
+    #: Planned but never started because the run stopped early (not the deadline).
+    not_started: int = 0
+    #: Why the sweep stopped early on request (a signal's name), if it did.
+    stopped: str | None = None
+    #: The error that kept the results finished at the stop from being written, if any.
+    stop_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -519,6 +540,7 @@ def sweep(
     monotonic: Callable[[], float],
     alive: Callable[[], bool] | None = None,
     on_progress: Callable[[SweepProgress], None] | None = None,
+    stop: StopRequest | None = None,
 ) -> SweepResult:
     """Run ``queue`` in order on ``concurrency`` threads and ``write`` results as they finish.
 
@@ -539,12 +561,18 @@ def sweep(
     ``on_progress`` (a display) is called on this thread when the sweep starts and after
     each written batch; it must be quick. If it raises, it is not called again and the
     sweep goes on.
+
+    ``stop`` is read at least every STOP_POLL_SECONDS: once requested, no call starts,
+    the calls still running are left (counted as interrupted), what finished is written
+    (a failure to write it is kept in ``stop_error``, those results counted as lost) and
+    the result carries ``stopped``.
     """
     state = _Sweep(queue, call, write, concurrency, deadline, margin, grace, clock,
-                   monotonic, alive, on_progress)
+                   monotonic, alive, on_progress, stop)
     try:
         return state.run()
     except AvailabilityCronError as exc:
+        state.give_up()
         exc.partial = state.result()  # type: ignore[attr-defined]
         raise
 
@@ -553,6 +581,8 @@ def sweep(
 FLUSH_ROWS = 100
 #: ...or once its oldest result has waited this long, whichever comes first.
 FLUSH_SECONDS = 0.2
+#: The longest the sweep goes without looking at a stop request.
+STOP_POLL_SECONDS = 0.1
 
 
 class _Sweep:
@@ -571,8 +601,12 @@ class _Sweep:
         monotonic: Callable[[], float],
         alive: Callable[[], bool] | None = None,
         on_progress: Callable[[SweepProgress], None] | None = None,
+        stop: StopRequest | None = None,
     ) -> None:
         self.queue, self.call, self.write = queue, call, write
+        self.stop = stop
+        self.stopped: str | None = None
+        self.stop_error: str | None = None
         self.alive = alive
         self.on_progress = on_progress
         self.next_check = monotonic() + LOCK_CHECK_SECONDS
@@ -589,6 +623,9 @@ class _Sweep:
         self.oldest_unwritten = 0.0
         self.started = self.missing_started = self.stale_started = 0
         self.succeeded = self.failed = self.superseded = self.abandoned = 0
+        self.lost = self.interrupted = 0
+        #: The deadline margin, not an early stop, is why the rest of the queue did not start.
+        self.deadline_reached = False
 
     def run(self) -> SweepResult:
         executor = ThreadPoolExecutor(max_workers=self.concurrency,
@@ -596,6 +633,9 @@ class _Sweep:
         self._report()
         try:
             while True:
+                if self.stop is not None and self.stop.reason is not None:
+                    self._stop_early(self.stop.reason)
+                    break
                 self._check_alive()
                 self._fill(executor)
                 if not self.pending:
@@ -609,6 +649,8 @@ class _Sweep:
                     remaining = min(remaining, max(0.0, flush_in))
                 if self.alive is not None:
                     remaining = min(remaining, max(0.0, self.next_check - self.monotonic()))
+                if self.stop is not None:
+                    remaining = min(remaining, STOP_POLL_SECONDS)
                 done, _ = wait(self.pending, timeout=remaining, return_when=FIRST_COMPLETED)
                 for future in done:
                     del self.pending[future]
@@ -622,16 +664,45 @@ class _Sweep:
         return self.result()
 
     def result(self) -> SweepResult:
+        left = len(self.queue) - self.started
         return SweepResult(
             started=self.started,
             succeeded=self.succeeded,
             failed=self.failed,
-            skipped_deadline=len(self.queue) - self.started,
+            skipped_deadline=left if self.deadline_reached else 0,
             abandoned=self.abandoned,
             superseded=self.superseded,
             missing_started=self.missing_started,
             stale_started=self.stale_started,
+            lost=self.lost,
+            interrupted=self.interrupted,
+            not_started=0 if self.deadline_reached else left,
+            stopped=self.stopped,
+            stop_error=self.stop_error,
         )
+
+    def _stop_early(self, reason: str) -> None:
+        log.warning("%s received: starting no more calls; writing what finished, leaving "
+                    "%d calls running", reason, len(self.pending))
+        self.stopped = reason
+        self.exhausted = True
+        self.interrupted += len(self.pending)
+        self.pending.clear()
+        self.submitted_at.clear()
+        try:
+            self._flush(force=True)
+        except AvailabilityCronError as exc:  # counted as lost; the stop is still the story
+            self.stop_error = exc.message
+
+    def give_up(self) -> None:
+        """The sweep is failing: count what finished but was not written as lost, and the
+        calls still running as interrupted (neither is waited for)."""
+        self.exhausted = True
+        self.lost += len(self.unwritten)
+        self.unwritten = []
+        self.interrupted += len(self.pending)
+        self.pending.clear()
+        self.submitted_at.clear()
 
     def _check_alive(self) -> None:
         if self.alive is None or self.monotonic() < self.next_check:
@@ -647,8 +718,10 @@ class _Sweep:
 
     def _fill(self, executor: ThreadPoolExecutor) -> None:
         while not self.exhausted and len(self.pending) < self.concurrency:
+            if self.stop is not None and self.stop.requested():
+                return
             if self.deadline - self.monotonic() < self.margin:
-                self.exhausted = True
+                self.exhausted = self.deadline_reached = True
                 return
             item = next(self.items, None)
             if item is None:
@@ -674,11 +747,17 @@ class _Sweep:
         if not (force or due or len(self.unwritten) >= FLUSH_ROWS):
             return
         batch, self.unwritten = self.unwritten, []
-        stored = self.write(batch)
+        try:
+            stored = self.write(batch)
+        except BaseException:
+            self.lost += len(batch)
+            raise
         ok = sum(1 for o in batch if o.ok)
         self.succeeded += ok
         self.failed += len(batch) - ok
         self.superseded += ok - stored
+        # Counted once written: an abandoned call whose timeout was never stored is lost.
+        self.abandoned += sum(1 for o in batch if o.abandoned)
         self._report()
 
     def _report(self) -> None:
@@ -699,7 +778,6 @@ class _Sweep:
         for future, item in self.pending.items():
             self._collect(Outcome(item, self.submitted_at[future], now, now, now,
                                   error=ABANDONED_ERROR, abandoned=True))
-            self.abandoned += 1
         self.pending.clear()
         self.submitted_at.clear()
 
@@ -816,7 +894,12 @@ def prune_orphans(conn: db.Connection, source: str) -> int:
 
 @dataclass(frozen=True)
 class RunSummary:
-    """The one JSON object a run prints (keys as the dashboards know them)."""
+    """The one JSON object a run prints (keys as the dashboards know them).
+
+    The counts always add up: ``attempted = refreshed + errors + lost + interrupted`` and
+    ``planned = attempted + skippedDeadline + notStarted``; ``superseded`` is part of
+    ``refreshed`` and ``unfinished`` part of ``errors``.
+    """
 
     success: bool
     skipped: bool
@@ -836,6 +919,12 @@ class RunSummary:
     skipped_deadline: int = 0
     unfinished: int = 0
     superseded: int = 0
+    #: Finished calls whose results could not be stored (see SweepResult.lost).
+    lost: int = 0
+    #: Calls still running when the run stopped early (see SweepResult.interrupted).
+    interrupted: int = 0
+    #: Planned but not started because the run stopped early (see SweepResult.not_started).
+    not_started: int = 0
     #: Source rows breaking the contract on a key column (source.InvalidRows), named in a
     #: WARNING: skipped, or (a NULL created_at) planned after every dated workspace.
     invalid_source_rows: int = 0
@@ -866,6 +955,9 @@ class RunSummary:
             "skippedDeadline": self.skipped_deadline,
             "unfinished": self.unfinished,
             "superseded": self.superseded,
+            "lost": self.lost,
+            "interrupted": self.interrupted,
+            "notStarted": self.not_started,
             "invalidSourceRows": self.invalid_source_rows,
             "prunedCaches": self.pruned_caches,
             "finishedWithinBudget": self.finished_within_budget,
@@ -929,9 +1021,15 @@ def _sweep_summary(
         skipped_deadline=result.skipped_deadline,
         unfinished=result.abandoned,
         superseded=result.superseded,
+        lost=result.lost,
+        interrupted=result.interrupted,
+        not_started=result.not_started,
         finished_within_budget=(
             result.skipped_deadline == 0
+            and result.not_started == 0
             and result.abandoned == 0
+            and result.lost == 0
+            and result.interrupted == 0
             and duration_ms <= settings.time_budget_ms
         ),
         **fields,
@@ -947,6 +1045,7 @@ def _run_sweep(
     alive: Callable[[], bool] | None = None,
     on_progress: Callable[[SweepProgress], None] | None = None,
     invalid_source_rows: int = 0,
+    stop: StopRequest | None = None,
 ) -> SweepResult:
     deadline = rt.started_monotonic + settings.time_budget_ms / 1000
     secrets = settings.secrets()
@@ -966,10 +1065,19 @@ def _run_sweep(
         source=settings.source_table,
     )
 
+    bounds = Deadline.of(rt.started_monotonic, settings.time_budget_ms, rt.monotonic)
+
+    def left() -> float:
+        return database_left(bounds, stop)
+
     def write(outcomes: Sequence[Outcome]) -> int:
-        left_ms = int((deadline + GRACE_SECONDS - rt.monotonic()) * 1000)
-        # Bounds local to the write's transaction: DATABASE_URL may be a transaction pooler.
-        with db.translate_errors(secrets), db.bounded_transaction(work, max(1000, left_ms)):
+        left_now = left()
+        # The server's bounds, local to the write's transaction (DATABASE_URL may be a
+        # transaction pooler), stop a lock wait, a little before the client's, which stop
+        # a silent network: the server's error says what held the write.
+        server_ms = max(100, int((left_now - SERVER_FIRST_SECONDS) * 1000))
+        with db.translate_errors(secrets), db.answer_within(left, work), \
+                db.bounded_transaction(work, server_ms):
             return write_outcomes(work, outcomes, policy)
 
     try:
@@ -984,20 +1092,24 @@ def _run_sweep(
             monotonic=rt.monotonic,
             alive=alive,
             on_progress=on_progress,
+            stop=stop,
         )
     except AvailabilityCronError as exc:
         partial = getattr(exc, "partial", None)
         if isinstance(partial, SweepResult):
+            reason, error = "error", exc.message
+            if stop is not None and stop.reason is not None:  # it failed while stopping
+                reason, error = "terminated", f"stopped by {stop.reason}, then: {exc.message}"
             exc.summary = _sweep_summary(
                 settings, rt, len(queue), partial, success=False, skipped=False,
-                reason="error", error=exc.message, invalid_source_rows=invalid_source_rows,
+                reason=reason, error=error, invalid_source_rows=invalid_source_rows,
             )
         raise
     finally:
         _close_bounded(rt.registry)
 
 
-def _close_bounded(registry: ProviderRegistry, seconds: float = 2.0) -> None:
+def _close_bounded(registry: ProviderRegistry, seconds: float = CLOSE_SECONDS) -> None:
     """Close the providers, but never wait more than ``seconds``: a plugin's close() may hang
     on a worker that is itself hung, and the lock must still be released."""
     closer = threading.Thread(target=registry.close, name="refresh-close", daemon=True)
@@ -1013,37 +1125,52 @@ def run_refresh(
     *,
     default_source: str,
     on_progress: Callable[[SweepProgress], None] | None = None,
+    stop: StopRequest | None = None,
 ) -> RunSummary:
     """The cron run: lock, plan, sweep, summary. Raises AvailabilityCronError on real failures.
 
     ``on_progress``: see :func:`sweep` (the CLI passes a display when stderr is a terminal).
+    ``stop`` (the CLI's SIGTERM/SIGINT handler sets it): the sweep stops early, and the
+    summary is a failure with reason "terminated" (nothing else changes; a stop requested
+    after the sweep ended is ignored: the run is already reporting).
     """
     secrets = settings.secrets()
+    bounds = Deadline.of(rt.started_monotonic, settings.time_budget_ms, rt.monotonic)
     with db.translate_errors(secrets):
         lock_conn = rt.connect("lock")
+
+        def answering(*conns: db.Connection) -> AbstractContextManager[None]:
+            # Every round trip waits at most for what is left of budget + grace, or of the
+            # stop's bound once a stop is requested (deadline.py).
+            return db.answer_within(lambda: database_left(bounds, stop), *conns)
+
         try:
             with rt.connect("work") as work:
-                # First: a lock taken in another database, or on a server session that a
-                # pooler shares with the work connection, keeps nothing apart.
-                db.ensure_same_database(lock_conn, work)
-                db.ensure_primary(lock_conn)
-                # The work connection writes: it may have a role, or a pooler's database, of
-                # its own, and a read-only one must stop the run before any call.
-                db.ensure_writable(work)
-                db.ensure_schema(lock_conn, settings.source_table, default_source)
-                with lock.take(lock_conn, settings.lock_key) as taken:
+                with answering(lock_conn, work):
+                    # First: a lock taken in another database, or on a server session that
+                    # a pooler shares with the work connection, keeps nothing apart.
+                    db.ensure_same_database(lock_conn, work)
+                    db.ensure_primary(lock_conn)
+                    # The work connection writes: it may have a role, or a pooler's database,
+                    # of its own, and a read-only one must stop the run before any call.
+                    db.ensure_writable(work)
+                    db.ensure_schema(lock_conn, settings.source_table, default_source)
+                with lock.take(lock_conn, settings.lock_key,
+                               guard=lambda: answering(lock_conn)) as taken:
                     if taken is None:
-                        return _skipped(settings, rt,
-                                        lock.find_holder(lock_conn, settings.lock_key))
+                        with answering(lock_conn):
+                            holder = lock.find_holder(lock_conn, settings.lock_key)
+                        return _skipped(settings, rt, holder)
                     now = rt.clock()
-                    the_plan = plan(
-                        fetch_due(work, settings.source_table, now, settings.limit),
-                        fetch_missing(work, settings.source_table, settings.limit),
-                        limit=settings.limit,
-                        reserve=settings.missing_reserve,
-                        now=now,
-                    )
-                    invalid = warn_invalid_rows(work, settings.source_table)
+                    with answering(work):
+                        the_plan = plan(
+                            fetch_due(work, settings.source_table, now, settings.limit),
+                            fetch_missing(work, settings.source_table, settings.limit),
+                            limit=settings.limit,
+                            reserve=settings.missing_reserve,
+                            now=now,
+                        )
+                        invalid = warn_invalid_rows(work, settings.source_table)
                     log.info(
                         "planned %d refreshes (%d missing, %d stale)",
                         len(the_plan.queue), the_plan.missing, the_plan.stale,
@@ -1053,8 +1180,16 @@ def run_refresh(
                         alive=taken.alive,
                         on_progress=on_progress,
                         invalid_source_rows=invalid,
+                        stop=stop,
                     )
-                    pruned = _prune_orphans(settings, rt, work)
+                    if result.stopped is not None:
+                        return _sweep_summary(
+                            settings, rt, len(the_plan.queue), result,
+                            success=False, skipped=False, reason="terminated",
+                            invalid_source_rows=invalid, error=_stopped_error(result),
+                        )
+                    with answering(work):
+                        pruned = _prune_orphans(settings, rt, work)
                     return _sweep_summary(
                         settings, rt, len(the_plan.queue), result,
                         success=True, skipped=False, reason=None,
@@ -1081,6 +1216,14 @@ def _prune_orphans(settings: Settings, rt: Runtime, work: db.Connection) -> int:
         log.info("pruned %d cache rows of workspaces no longer in %s", pruned,
                  settings.source_table)
     return pruned
+
+
+def _stopped_error(result: SweepResult) -> str:
+    error = (f"stopped by {result.stopped}: {result.not_started} planned refreshes not "
+             f"started, {result.interrupted} calls left running")
+    if result.stop_error is not None:
+        error += f"; {result.lost} finished results could not be written: {result.stop_error}"
+    return error
 
 
 def stuck_after_seconds(settings: Settings) -> float:
@@ -1136,10 +1279,12 @@ def refresh_workspace(
     older data. ``success`` is False when that one refresh failed.
     """
     secrets = settings.secrets()
+    bounds = Deadline.of(rt.started_monotonic, settings.time_budget_ms, rt.monotonic)
     with db.translate_errors(secrets), rt.connect("work") as work:
-        db.ensure_writable(work)
-        db.ensure_schema(work, settings.source_table, default_source)
-        state = fetch_workspace(work, settings.source_table, workspace_id)
+        with db.answer_within(bounds.database_left, work):
+            db.ensure_writable(work)
+            db.ensure_schema(work, settings.source_table, default_source)
+            state = fetch_workspace(work, settings.source_table, workspace_id)
         if state is None:
             raise ConfigError(
                 f"--workspace: no workspace {workspace_id!r} in {settings.source_table}"

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 from helpers import CLI
 
-from availability_cron import refresh
+from availability_cron import deadline, refresh
 from availability_cron.history import BOUND_SECONDS as HISTORY_SECONDS
 from availability_cron.ping import TIMEOUT_SECONDS as PING_SECONDS
 from availability_cron.settings import SPEC_BY_FIELD
@@ -38,9 +38,14 @@ CRONJOB = DEPLOY / "kubernetes" / "cronjob.yaml"
 
 DEFAULT_BUDGET_SECONDS = int(str(SPEC_BY_FIELD["time_budget_ms"].default)) / 1000
 CLOSE_SECONDS = inspect.signature(refresh._close_bounded).parameters["seconds"].default
-#: The longest a healthy run with default settings takes, from process start.
-WORST_CASE_SECONDS = (DEFAULT_BUDGET_SECONDS + refresh.GRACE_SECONDS + CLOSE_SECONDS
-                      + PING_SECONDS + HISTORY_SECONDS)
+#: The longest a run with default settings takes, from process start, network gone or not.
+WORST_CASE_SECONDS = deadline.worst_case_seconds(int(str(SPEC_BY_FIELD["time_budget_ms"].default)))
+
+
+def test_the_worst_case_is_the_sum_of_the_bounds_each_step_enforces():
+    assert WORST_CASE_SECONDS == (DEFAULT_BUDGET_SECONDS + refresh.GRACE_SECONDS
+                                  + deadline.WIND_DOWN_SECONDS + CLOSE_SECONDS + PING_SECONDS
+                                  + HISTORY_SECONDS) == 56.5
 
 
 # --- systemd ----------------------------------------------------------------------------------
@@ -332,3 +337,13 @@ def test_the_cronjob_runs_unprivileged_on_a_read_only_root_with_bounded_resource
     assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
     assert {"cpu", "memory"} <= set(container["resources"]["requests"])
     assert "memory" in container["resources"]["limits"]
+
+
+def test_a_run_stopped_by_sigterm_has_time_to_report_before_sigkill(cronjob):
+    # systemd (systemctl stop, or TimeoutStartSec) and Kubernetes (activeDeadlineSeconds,
+    # a pod deletion) send SIGTERM, then SIGKILL after their stop window; the run's stop
+    # path (write what finished, close providers, /fail ping, run history) must fit it.
+    service = read_unit(SERVICE)["Service"]
+
+    assert deadline.stop_seconds() < seconds(service["TimeoutStopSec"]) < 60
+    assert deadline.stop_seconds() < pod_spec(cronjob)["terminationGracePeriodSeconds"] < 60

@@ -6,14 +6,17 @@ operator, a failover or a pooler would.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
+from typing import Any
 
 import psycopg
 import pytest
+from blackhole import blackhole_proxy
 from helpers import CLI, add_workspace, clean_env, wait_for_backend, wait_for_caches
 
-from availability_cron import lock
+from availability_cron import deadline, history, lock
 
 pytestmark = pytest.mark.e2e
 
@@ -133,3 +136,97 @@ def test_a_run_failing_midway_still_counts_the_work_it_wrote(database_url, conn)
     assert summary["planned"] == 40
     assert summary["refreshed"] == written >= 3
     assert summary["attempted"] >= summary["refreshed"]
+
+
+def assert_summary_adds_up(summary: dict[str, Any]) -> None:
+    """The identities the README promises for every summary (see RunSummary)."""
+    counts = {k: summary.get(k, 0) for k in (
+        "planned", "attempted", "refreshed", "errors", "lost", "interrupted",
+        "skippedDeadline", "notStarted")}
+    assert counts["attempted"] == (counts["refreshed"] + counts["errors"] + counts["lost"]
+                                   + counts["interrupted"]), counts
+    assert counts["planned"] == (counts["attempted"] + counts["skippedDeadline"]
+                                 + counts["notStarted"]), counts
+
+
+@pytest.mark.parametrize("purpose", ["work", "lock"])
+def test_the_summary_of_a_run_failing_midway_adds_up(database_url, conn, purpose):
+    # Four workers, so that calls are in flight when the connection dies; a 20 s budget,
+    # so that no entry is left out for the deadline.
+    for i in range(40):
+        add_workspace(conn, f"ws-{i:02d}", config={"latency_ms": 250})
+    env = clean_env(DATABASE_URL=database_url, AVAILABILITY_CRON_TIME_BUDGET_MS="20000",
+                    AVAILABILITY_CRON_DEADLINE_MARGIN_MS="1000",
+                    AVAILABILITY_CRON_CONCURRENCY="4")
+    proc = subprocess.Popen([CLI, "refresh"], env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        pid = wait_for_backend(conn, purpose)
+        wait_for_caches(conn, 4)
+        conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        stdout, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 1, stderr
+    summary = json.loads(stdout)
+    written = conn.execute(
+        "SELECT count(*) FROM workspace_availability_cache WHERE refreshed_at IS NOT NULL"
+    ).fetchone()[0]
+    assert summary["refreshed"] == written
+    assert_summary_adds_up(summary)
+    # Nothing was left out for the deadline: what did not start, did not because the run
+    # stopped.
+    assert summary["skippedDeadline"] == 0
+    assert summary["notStarted"] > 0
+    if purpose == "work":
+        # Every write after the kill carries at least one result: those are lost.
+        assert summary["lost"] >= 1
+
+
+@pytest.mark.parametrize(("waiting_on", "latency_ms"), [("a write", 100), ("the lock check", 8000)])
+def test_a_database_gone_silent_cannot_keep_a_run_past_its_worst_case(
+    database_url, conn, waiting_on, latency_ms
+):
+    # Between the run and PostgreSQL, a proxy that turns into a blackhole mid-run: the
+    # run's writes and lock checks then wait on sockets nobody will ever answer. With
+    # 8 s calls nothing is written, and only the lock check talks to the database.
+    for i in range(40):
+        add_workspace(conn, f"ws-{i:02d}", config={"latency_ms": latency_ms})
+    params = psycopg.conninfo.conninfo_to_dict(database_url)
+    budget_ms = 2000
+    with blackhole_proxy(str(params.get("host") or "127.0.0.1"),
+                         int(params.get("port") or 5432)) as proxy:
+        url = psycopg.conninfo.make_conninfo(database_url, host="127.0.0.1",
+                                             port=str(proxy.port))
+        env = clean_env(DATABASE_URL=url, AVAILABILITY_CRON_TIME_BUDGET_MS=str(budget_ms),
+                        AVAILABILITY_CRON_DEADLINE_MARGIN_MS="200",
+                        AVAILABILITY_CRON_CONCURRENCY="1")
+        started = time.monotonic()
+        proc = subprocess.Popen([CLI, "refresh"], env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            if waiting_on == "a write":
+                wait_for_caches(conn, 2)
+            else:
+                wait_for_backend(conn, "work")
+                time.sleep(0.3)
+            proxy.cut()
+            stdout, stderr = proc.communicate(timeout=deadline.worst_case_seconds(budget_ms))
+            ended_after = time.monotonic() - started
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert proc.returncode == 1, stderr
+    summary = json.loads(stdout)
+    assert summary["success"] is False and summary["reason"] == "error"
+    assert ("did not answer" if waiting_on == "a write" else "lock connection was lost") in (
+        summary["error"])
+    assert_summary_adds_up(summary)
+    # The run itself ended by budget + grace + wind-down (+ closing the providers), and
+    # the whole process, history included, within the documented worst case.
+    assert summary["durationMs"] <= (deadline.worst_case_seconds(budget_ms)
+                                     - deadline.PING_SECONDS - history.BOUND_SECONDS) * 1000
+    assert ended_after < deadline.worst_case_seconds(budget_ms)

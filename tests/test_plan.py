@@ -11,6 +11,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from availability_cron import refresh
+from availability_cron.deadline import StopRequest
+from availability_cron.errors import ConnectionLost
 from availability_cron.refresh import (
     DueCache,
     MissingWorkspace,
@@ -491,3 +493,35 @@ def test_a_failing_progress_display_neither_stops_the_sweep_nor_is_called_again(
     assert calls == 1
     assert (result.started, result.succeeded) == (4, 4)
     assert len(write.outcomes) == 4
+
+
+def test_a_stop_request_starts_nothing_more_and_writes_what_finished():
+    stop = StopRequest(lambda: 0.0)
+    write = Recorder()
+
+    def call(item: PlannedRefresh) -> Outcome:
+        if item.workspace_id == "ws-02":
+            stop.request("SIGTERM")  # as the signal handler would, mid-sweep
+        return ok(item)
+
+    result = sweep(queue_of(10), call=call, write=write, concurrency=1, deadline=100.0,
+                   margin=1.0, clock=lambda: NOW, monotonic=lambda: 0.0, stop=stop)
+
+    assert result.stopped == "SIGTERM"
+    assert (result.started, result.succeeded, result.not_started) == (3, 3, 7)
+    assert (result.skipped_deadline, result.lost, result.interrupted) == (0, 0, 0)
+    assert ids(queue_of(10)[:3]) == [o.item.workspace_id for o in write.outcomes]
+
+
+def test_results_of_a_batch_that_cannot_be_written_are_counted_as_lost():
+    def write(outcomes: Sequence[Outcome]) -> int:
+        raise ConnectionLost("gone")
+
+    with pytest.raises(ConnectionLost) as info:
+        sweep(queue_of(5), call=ok, write=write, concurrency=1, deadline=100.0, margin=1.0,
+              clock=lambda: NOW, monotonic=lambda: 0.0)
+
+    partial = info.value.partial  # type: ignore[attr-defined]
+    assert partial.started == partial.lost + partial.interrupted + partial.succeeded
+    assert partial.lost >= 1 and partial.succeeded == 0
+    assert partial.not_started == 5 - partial.started and partial.skipped_deadline == 0
