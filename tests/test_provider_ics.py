@@ -367,6 +367,28 @@ def test_secret_looking_path_segments_are_hidden_in_messages(provider, http_serv
     assert "/calendar/ical/…/basic.ics" in str(info.value)
 
 
+# --- feeds as real calendar programs write them ----------------------------------------------
+
+
+def test_a_feed_starting_with_a_utf8_bom_is_read(provider, http_server):
+    # Windows/.NET exporters often put a byte order mark before BEGIN:VCALENDAR.
+    feed = "\ufeff" + vcalendar(vevent("bom", "DTSTART:20261020T090000Z",
+                                       "DTEND:20261020T100000Z"))
+    http_server.route("/feed.ics", Reply(200, feed.encode("utf-8"),
+                                         headers={"Content-Type": "text/calendar"}))
+    config = {"url": http_server.url("/feed.ics"), "timezone": "UTC", "slot_minutes": 60,
+              "hours": {"tue": [["09:00", "11:00"]]}}
+
+    assert fetch(provider, config, utc(10, 20), utc(10, 21)) == [utc(10, 20, 10)]
+
+
+def test_a_feed_file_starting_with_a_utf8_bom_is_read(tmp_path):
+    (tmp_path / "cal.ics").write_bytes(b"\xef\xbb\xbf" + BUSY_TUESDAY_NINE.encode())
+    config = {"path": "cal.ics", "timezone": "UTC", "slot_minutes": 60, "hours": FILE_HOURS}
+
+    assert fetch(file_provider(tmp_path), config, utc(10, 20), utc(10, 21)) == [utc(10, 20, 10)]
+
+
 # --- expansion limits -----------------------------------------------------------------------
 
 

@@ -406,6 +406,9 @@ def parse_calendar(text: str) -> icalendar.Calendar:
     invalid = "ics: the feed is not a valid iCalendar file: "
     if not text.lstrip("\ufeff \t\r\n").upper().startswith("BEGIN:VCALENDAR"):
         raise PermanentProviderError(invalid + "it does not start with BEGIN:VCALENDAR")
+    # Windows/.NET exporters often start the file with a UTF-8 byte order mark; decoded,
+    # it is U+FEFF, which icalendar's text parser refuses as the first content line.
+    text = text.removeprefix("\ufeff")
     try:
         calendar = icalendar.Calendar.from_ical(text)
     except _DATA_ERRORS as exc:
