@@ -389,6 +389,40 @@ def test_a_feed_file_starting_with_a_utf8_bom_is_read(tmp_path):
     assert fetch(file_provider(tmp_path), config, utc(10, 20), utc(10, 21)) == [utc(10, 20, 10)]
 
 
+def vfreebusy(*lines: str) -> str:
+    return "\r\n".join(["BEGIN:VFREEBUSY", "UID:fb", "DTSTAMP:20260901T000000Z",
+                        "DTSTART:20261019T000000Z", "DTEND:20261031T000000Z", *lines,
+                        "END:VFREEBUSY"])
+
+
+def test_a_free_busy_feed_blocks_its_busy_periods(provider, http_server):
+    # What Fastmail, Nextcloud and Zimbra publish at their free/busy URLs: no VEVENTs,
+    # only VFREEBUSY periods. Tuesday and Wednesday are busy from 09:00 to 17:00.
+    feed = vcalendar(vfreebusy(
+        "FREEBUSY;FBTYPE=BUSY:20261020T090000Z/20261020T170000Z,20261021T090000Z/PT8H"))
+    config = {"url": serve(http_server, feed), "timezone": "UTC", "slot_minutes": 60}
+
+    slots = fetch(provider, config, utc(10, 19), utc(10, 23))
+
+    assert slots == grid([(10, 19), (10, 22)], range(9, 17))
+
+
+def test_free_busy_periods_of_every_busy_type_block_and_free_ones_do_not(provider, http_server):
+    feed = vcalendar(
+        vfreebusy("FREEBUSY:20261020T090000Z/PT1H",  # no FBTYPE: BUSY
+                  "FREEBUSY;FBTYPE=BUSY-TENTATIVE:20261020T100000Z/PT1H",
+                  "FREEBUSY;FBTYPE=BUSY-UNAVAILABLE:20261020T110000Z/20261020T120000Z",
+                  "FREEBUSY;FBTYPE=FREE:20261020T120000Z/PT1H",
+                  "FREEBUSY;FBTYPE=X-OUT-OF-OFFICE:20261020T130000Z/PT1H"),  # unknown: BUSY
+        vevent("meeting", "DTSTART:20261020T140000Z", "DTEND:20261020T150000Z"),
+    )
+    config = {"url": serve(http_server, feed), "timezone": "UTC", "slot_minutes": 60,
+              "hours": {"tue": [["09:00", "16:00"]]}}
+
+    assert fetch(provider, config, utc(10, 20), utc(10, 21)) == [utc(10, 20, 12),
+                                                                 utc(10, 20, 15)]
+
+
 # --- expansion limits -----------------------------------------------------------------------
 
 

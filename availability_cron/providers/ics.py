@@ -96,6 +96,8 @@ _DATA_ERRORS = (ValueError, KeyError, TypeError, AttributeError, OverflowError)
 #: that ``span / period`` over-estimates the number of periods a rule steps through.
 _FREQ_SECONDS = {"SECONDLY": 1, "MINUTELY": 60, "HOURLY": 3600, "DAILY": 86_400,
                  "WEEKLY": 7 * 86_400, "MONTHLY": 28 * 86_400, "YEARLY": 365 * 86_400}
+#: The FBTYPE of free time in a VFREEBUSY; every other type is busy.
+_FREE_FBTYPES = frozenset({"FREE"})
 #: How many days one BYDAY value can select in one period of this FREQ.
 _BYDAY_SPREAD = {"MONTHLY": 5, "YEARLY": 53}
 
@@ -426,8 +428,9 @@ def busy_intervals(calendar: icalendar.Calendar, zone: ZoneInfo, start: datetime
     """The busy time of ``calendar`` between ``start`` and ``end``: sorted, merged, in UTC.
 
     Busy is every VEVENT occurrence overlapping the span that is neither transparent nor
-    cancelled. Dates are whole local days in ``zone`` (DTEND exclusive, one day when it
-    is missing); floating times are wall-clock times in ``zone``. Raises
+    cancelled, and every VFREEBUSY period that is not ``FBTYPE=FREE``. Dates are whole
+    local days in ``zone`` (DTEND exclusive, one day when it is missing); floating times
+    are wall-clock times in ``zone``. Raises
     PermanentProviderError for a feed that cannot be expanded or is too large to.
     ``on_checked`` is told the estimated rule steps once the rules passed the checks,
     before any expansion.
@@ -442,23 +445,57 @@ def busy_intervals(calendar: icalendar.Calendar, zone: ZoneInfo, start: datetime
         if x_wr is not None and _known_zone(str(x_wr)) is None:
             del calendar["X-WR-TIMEZONE"]
         intervals: list[Interval] = []
-        for count, event in enumerate(_occurrences(calendar, start, end), start=1):
-            if count > MAX_OCCURRENCES:
-                raise PermanentProviderError(
-                    f"ics: the feed has more than {MAX_OCCURRENCES} event occurrences in the "
-                    "window; that is the limit"
-                )
+        count = 0
+        for event in _occurrences(calendar, start, end):
+            count += 1
+            _check_occurrences(count)
             if (str(event.get("TRANSP", "")).strip().upper() == "TRANSPARENT"
                     or str(event.get("STATUS", "")).strip().upper() == "CANCELLED"):
                 continue
             begin, finish = _instant(event.start, zone), _instant(event.end, zone)
             if finish > begin:  # a zero-length event blocks no time
                 intervals.append((begin, finish))
+        for period in _free_busy_periods(calendar, zone, start, end):
+            count += 1
+            _check_occurrences(count)
+            intervals.append(period)
     except _DATA_ERRORS as exc:
         raise PermanentProviderError(
             f"ics: the feed has an event that cannot be read or expanded ({type(exc).__name__})"
         ) from None
     return _merge(intervals)
+
+
+def _check_occurrences(count: int) -> None:
+    if count > MAX_OCCURRENCES:
+        raise PermanentProviderError(
+            f"ics: the feed has more than {MAX_OCCURRENCES} event occurrences in the "
+            "window; that is the limit"
+        )
+
+
+def _free_busy_periods(calendar: icalendar.Calendar, zone: ZoneInfo, start: datetime,
+                       end: datetime) -> Iterator[Interval]:
+    """The busy periods of the calendar's VFREEBUSY components overlapping [start, end].
+
+    Free/busy URLs (Fastmail, Nextcloud, Zimbra) publish no VEVENTs, only ``FREEBUSY``
+    properties: each a list of periods (start/end or start/duration) of one ``FBTYPE``.
+    BUSY (the default), BUSY-TENTATIVE and BUSY-UNAVAILABLE are busy; FREE is not; an
+    unknown type is busy, as RFC 5545 (3.2.9) asks.
+    """
+    for component in calendar.walk("VFREEBUSY"):
+        values = component.get("FREEBUSY")
+        if values is None:
+            continue
+        for period in values if isinstance(values, list) else [values]:
+            if str(period.params.get("FBTYPE", "BUSY")).strip().upper() in _FREE_FBTYPES:
+                continue
+            first, end_or_length = period.dt
+            begin = _instant(first, zone)
+            finish = (begin + end_or_length if isinstance(end_or_length, timedelta)
+                      else _instant(end_or_length, zone))
+            if finish > begin and begin < end and finish > start:
+                yield begin, finish
 
 
 def _occurrences(calendar: icalendar.Calendar, start: datetime,
