@@ -448,6 +448,32 @@ def test_a_rule_too_costly_to_expand_up_to_the_window_is_refused(provider, http_
         fetch(provider, config, utc(10, 20), utc(10, 31))
 
 
+def test_a_secondly_rule_its_by_parts_narrow_to_once_an_hour_is_expanded(provider, http_server):
+    # ~800 occurrences over the padded 30-day window: cheap, whatever its FREQ says.
+    feed = vcalendar(vevent("hourly", "DTSTART:20261020T000000Z", "DURATION:PT30M",
+                            "RRULE:FREQ=SECONDLY;BYSECOND=0;BYMINUTE=0"))
+    config = {"url": serve(http_server, feed), "timezone": "UTC", "slot_minutes": 30,
+              "hours": {"mon": [["09:00", "11:00"]]}}
+
+    slots = fetch(provider, config, utc(10, 20), utc(11, 19))
+
+    mondays = [(10, 26), (11, 2), (11, 9), (11, 16)]
+    assert slots == grid(mondays, range(9, 11), minute=30)
+
+
+def test_a_narrowed_secondly_rule_started_long_before_the_window_is_still_refused(
+    provider, http_server
+):
+    # dateutil walks every second from DTSTART to filter them (3 s for a year): the walk
+    # is charged even though few occurrences are kept.
+    feed = vcalendar(vevent("hourly", "DTSTART:20251020T000000Z", "DURATION:PT30M",
+                            "RRULE:FREQ=SECONDLY;BYSECOND=0;BYMINUTE=0"))
+    config = {"url": serve(http_server, feed), "timezone": "UTC"}
+
+    with pytest.raises(PermanentProviderError, match="too costly to expand"):
+        fetch(provider, config, utc(10, 20), utc(11, 19))
+
+
 def test_more_occurrences_than_the_limit_after_expansion_is_a_permanent_error(
     provider, http_server, monkeypatch
 ):
