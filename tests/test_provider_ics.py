@@ -350,6 +350,33 @@ def test_a_broken_calendar_is_a_permanent_error_that_does_not_echo_it(provider, 
     assert "xyzzy" not in str(info.value)
 
 
+#: From a real Google birthday calendar: RDATE with a date and a "Z" is no valid value.
+GOOGLE_BIRTHDAY = vevent("bday", "DTSTART;VALUE=DATE:20131210", "RRULE:FREQ=YEARLY",
+                         "RDATE:20131210Z", "SUMMARY:xyzzy's birthday")
+
+
+@pytest.mark.parametrize("bad", [
+    GOOGLE_BIRTHDAY,
+    vevent("x", "DTSTART:garbage-xyzzy", "DTEND:20261020T100000Z"),
+    vevent("r", "DTSTART:20261020T090000Z", "DURATION:PT1H", "RRULE:FREQ=FORTNIGHTLY-xyzzy"),
+], ids=["google-birthday-rdate", "broken-dtstart", "broken-rrule"])
+def test_an_unreadable_event_is_skipped_with_a_warning_and_the_rest_of_the_feed_is_used(
+    provider, http_server, caplog, bad
+):
+    feed = vcalendar(bad, vevent("ok", "DTSTART:20261020T090000Z", "DTEND:20261020T100000Z"))
+    config = {"url": serve(http_server, feed), "timezone": "UTC", "slot_minutes": 60,
+              "hours": {"tue": [["09:00", "11:00"]]}}
+
+    with caplog.at_level("WARNING", logger="availability_cron.providers.ics"):
+        assert fetch(provider, config, utc(10, 20), utc(10, 21)) == [utc(10, 20, 10)]
+    [record] = [r for r in caplog.records if r.name == "availability_cron.providers.ics"]
+    assert record.levelname == "WARNING"
+    assert record.getMessage() == (
+        "workspace ws-1: ics: skipped 1 of the feed's 2 events: it cannot be read or "
+        "expanded; the others are used")
+    assert "xyzzy" not in record.getMessage()
+
+
 def test_a_missing_feed_is_a_permanent_error(provider, http_server):
     config = {"url": http_server.url("/gone.ics"), "timezone": "UTC"}
 

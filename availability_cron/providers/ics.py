@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import bisect
 import errno
+import logging
 import math
 import os
 import re
 import stat
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
@@ -46,6 +48,8 @@ from ._body import MAX_BODY_BYTES
 from ._config import ConfigReader
 from ._memory import Reservation
 from .base import FetchRequest, PermanentProviderError, Provider, RetryableProviderError
+
+log = logging.getLogger(__name__)
 
 #: The only directory ``path`` feeds may be read from; unset means no local files at all.
 FILE_ROOT_ENV = "AVAILABILITY_CRON_ICS_FILE_ROOT"
@@ -251,7 +255,14 @@ class IcsProvider(Provider):
         # the feed's rules need once they are checked (a reservation never grows).
         worst = census.weight + (RULE_STEP_BYTES * MAX_RULE_STEPS if census.rules else 0)
         with self.context.memory.reserve(worst, request, "ics") as held:
-            busy = _busy_time(text, census, config.timezone, request, held)
+            found = _busy_time(text, census, config.timezone, request, held)
+        if found.unreadable:
+            # The cache row has no place for a note: the run's log carries it.
+            log.warning("workspace %s: ics: skipped %d of the feed's %d events: %s cannot be "
+                        "read or expanded; the others are used", request.workspace_id,
+                        found.unreadable, found.events,
+                        "it" if found.unreadable == 1 else "they")
+        busy = found.intervals
         not_before = request.window_start + timedelta(minutes=config.min_notice_minutes)
         return free_slots(config, busy, request.window_start, request.window_end, not_before)
 
@@ -269,7 +280,7 @@ class IcsProvider(Provider):
 
 
 def _busy_time(text: str, census: FeedCensus, zone: ZoneInfo, request: FetchRequest,
-               held: Reservation) -> list[Interval]:
+               held: Reservation) -> BusyTime:
     # The parsed calendar lives only in this frame: it is gone when the reservation ends.
     calendar = parse_calendar(text)
     return busy_intervals(calendar, zone, request.window_start - QUERY_PADDING,
@@ -432,16 +443,30 @@ def parse_calendar(text: str) -> icalendar.Calendar:
     return calendar
 
 
+@dataclass(frozen=True)
+class BusyTime:
+    """The busy time of a feed, and how many of its events were skipped as unreadable."""
+
+    #: Sorted, merged, in UTC.
+    intervals: list[Interval]
+    #: VEVENTs that could not be read or expanded, and were left out.
+    unreadable: int = 0
+    #: VEVENTs in the feed, the unreadable ones included.
+    events: int = 0
+
+
 def busy_intervals(calendar: icalendar.Calendar, zone: ZoneInfo, start: datetime,
                    end: datetime, *,
-                   on_checked: Callable[[int], None] | None = None) -> list[Interval]:
-    """The busy time of ``calendar`` between ``start`` and ``end``: sorted, merged, in UTC.
+                   on_checked: Callable[[int], None] | None = None) -> BusyTime:
+    """The busy time of ``calendar`` between ``start`` and ``end``.
 
     Busy is every VEVENT occurrence overlapping the span that is neither transparent nor
     cancelled, and every VFREEBUSY period that is not ``FBTYPE=FREE``. Dates are whole
     local days in ``zone`` (DTEND exclusive, one day when it is missing); floating times
-    are wall-clock times in ``zone``. Raises
-    PermanentProviderError for a feed that cannot be expanded or is too large to.
+    are wall-clock times in ``zone``. An event that cannot be read or expanded (a broken
+    DTSTART, RDATE or RRULE, no DTSTART) is left out and counted in ``unreadable``, so
+    one bad event does not cost the calendar. Raises PermanentProviderError for a feed
+    that cannot be expanded or is too large to, or none of whose events can be read.
     ``on_checked`` is told the estimated rule steps once the rules passed the checks,
     before any expansion.
     """
@@ -454,9 +479,21 @@ def busy_intervals(calendar: icalendar.Calendar, zone: ZoneInfo, start: datetime
         x_wr = calendar.get("X-WR-TIMEZONE")
         if x_wr is not None and _known_zone(str(x_wr)) is None:
             del calendar["X-WR-TIMEZONE"]
+        events = len(calendar.walk("VEVENT"))
+        unreadable = _drop_unreadable_events(calendar)
+        # Series the library cannot build (a bad rule, an end before the start) are left
+        # out by it; they are the UIDs missing from what it built.
+        pending = recurring_ical_events.of(calendar, skip_bad_series=True).series
+        uids = Counter(_uid(event) for event in calendar.walk("VEVENT"))
+        unreadable += uids.total() - sum(uids[str(series.uid)] for series in pending)
+
+        def skip(series: Any) -> None:
+            nonlocal unreadable
+            unreadable += uids[str(series.uid)] or 1
+
         intervals: list[Interval] = []
         count = 0
-        for event in _occurrences(calendar, start, end):
+        for event in _occurrences(pending, start, end, skip):
             count += 1
             _check_occurrences(count)
             if (str(event.get("TRANSP", "")).strip().upper() == "TRANSPARENT"
@@ -473,7 +510,29 @@ def busy_intervals(calendar: icalendar.Calendar, zone: ZoneInfo, start: datetime
         raise PermanentProviderError(
             f"ics: the feed has an event that cannot be read or expanded ({type(exc).__name__})"
         ) from None
-    return _merge(intervals)
+    if unreadable and unreadable >= events and not intervals:
+        raise PermanentProviderError(
+            f"ics: the feed's events cannot be read or expanded (all {events} of them)")
+    return BusyTime(_merge(intervals), unreadable, events)
+
+
+def _drop_unreadable_events(calendar: icalendar.Calendar) -> int:
+    """Take out the VEVENTs icalendar could not read (it keeps their parse errors) and
+    those without a DTSTART; return how many."""
+    kept: list[icalendar.Component] = []
+    for component in calendar.subcomponents:
+        if component.name == "VEVENT" and (getattr(component, "errors", None)
+                                           or "DTSTART" not in component):
+            continue
+        kept.append(component)
+    dropped = len(calendar.subcomponents) - len(kept)
+    calendar.subcomponents[:] = kept
+    return dropped
+
+
+def _uid(event: icalendar.Component) -> str:
+    # How recurring_ical_events groups events into series: by UID, or alone without one.
+    return str(event.get("UID", str(id(event))))
 
 
 def _check_occurrences(count: int) -> None:
@@ -508,23 +567,26 @@ def _free_busy_periods(calendar: icalendar.Calendar, zone: ZoneInfo, start: date
                 yield begin, finish
 
 
-def _occurrences(calendar: icalendar.Calendar, start: datetime,
-                 end: datetime) -> Iterator[icalendar.Event]:
-    """Every VEVENT occurrence overlapping [start, end], one at a time.
+def _occurrences(pending: list[Any], start: datetime, end: datetime,
+                 on_unreadable: Callable[[Any], None]) -> Iterator[icalendar.Event]:
+    """Every occurrence of the ``pending`` series overlapping [start, end], one at a time.
 
     What ``recurring_ical_events.of(calendar).between(start, end)`` returns, but as a
     generator: ``between`` builds a copy of every occurrence first (~2 KB each), so a
     feed over the occurrence limit would cost its whole expansion before being counted.
     Each series is let go once expanded: its rules cache every instance they stepped
     through from DTSTART (dateutil's ``cache=True``, ~60 bytes a step), so only the
-    series being expanded holds such a cache, not all of them at once.
+    series being expanded holds such a cache, not all of them at once. A series that
+    fails while expanding is passed to ``on_unreadable``; what it yielded stays busy.
     """
-    pending = recurring_ical_events.of(calendar).series
     pending.reverse()  # popped from the end: the library's order
     while pending:
         series = pending.pop()
-        for occurrence in series.between(start, end):
-            yield occurrence.as_component(False)
+        try:
+            for occurrence in series.between(start, end):
+                yield occurrence.as_component(False)
+        except _DATA_ERRORS:
+            on_unreadable(series)
         del series
 
 
