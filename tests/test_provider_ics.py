@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta
@@ -13,9 +14,11 @@ from helpers import (
     FakeClock,
     add_workspace,
     cache_row,
+    clean_env,
     make_runtime,
     make_settings,
     refreshing,
+    run_cli,
     scopes_for,
 )
 from httpserver import LocalServer, Reply
@@ -626,3 +629,23 @@ def test_a_refresh_run_stores_the_ics_slots_in_utc(database_url, conn, http_serv
     assert row["slots_utc"] == ["2026-10-20T10:00:00Z", "2026-10-20T11:00:00Z",
                                 "2026-10-21T09:00:00Z", "2026-10-21T10:00:00Z",
                                 "2026-10-21T11:00:00Z"]
+
+
+@pytest.mark.e2e
+def test_library_warnings_never_reach_stderr_as_raw_python_warnings(database_url, conn,
+                                                                   http_server):
+    # Evolution and Thunderbird write "globally unique" TZIDs; icalendar guesses the zone
+    # and warns each time with Python's own two-line print on bare stderr.
+    feed = vcalendar(vevent("tb", "DTSTART;TZID=/freeassociation.sourceforge.net/Europe/Berlin:"
+                                  "20261020T090000", "DURATION:PT1H"))
+    add_workspace(conn, "ws-tb", provider="ics", config={
+        "url": serve(http_server, feed), "timezone": "Europe/Berlin"})
+
+    result = run_cli("refresh", env=clean_env(DATABASE_URL=database_url))
+
+    assert result.returncode == 0, result.stderr
+    assert result.json()["refreshed"] == 1
+    log_line = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z [A-Z]+ ")
+    stray = [line for line in result.stderr.splitlines() if not log_line.match(line)]
+    assert stray == [], result.stderr
+    assert "GloballyUniqueTZIDGuessed" not in result.stderr

@@ -32,6 +32,7 @@ import math
 import os
 import re
 import stat
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -47,7 +48,13 @@ import recurring_ical_events  # type: ignore[import-untyped]  # ships no py.type
 from ._body import MAX_BODY_BYTES
 from ._config import ConfigReader
 from ._memory import Reservation
-from .base import FetchRequest, PermanentProviderError, Provider, RetryableProviderError
+from .base import (
+    FetchRequest,
+    PermanentProviderError,
+    Provider,
+    ProviderContext,
+    RetryableProviderError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -239,6 +246,15 @@ class IcsProvider(Provider):
     """Free slots on the workspace's working hours, minus the busy time of an iCalendar feed."""
 
     name = "ics"
+
+    def __init__(self, context: ProviderContext) -> None:
+        super().__init__(context)
+        # icalendar warns each time it reads a "globally unique" TZID (Evolution and
+        # Thunderbird write /freeassociation.sourceforge.net/Europe/Berlin) that it took
+        # the zone after the vendor prefix: the only reading there is, the same every
+        # run, and nothing an operator can act on; it would quote the tenant's feed.
+        # (filterwarnings replaces an equal filter, so one provider per run adds one.)
+        warnings.filterwarnings("ignore", category=icalendar.GloballyUniqueTZIDGuessed)
 
     def validate_config(self, config: Mapping[str, Any]) -> None:
         read_config(config, self.context.environ)
