@@ -20,10 +20,11 @@ import sys  # noqa: E402
 import threading  # noqa: E402
 import typing  # noqa: E402
 import uuid  # noqa: E402
+import warnings  # noqa: E402
 from contextlib import contextmanager, nullcontext  # noqa: E402
 from enum import IntEnum, StrEnum  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn  # noqa: E402
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TextIO  # noqa: E402
 
 import typer  # noqa: E402
 
@@ -222,6 +223,15 @@ def _configure_logging(level: str, run_id: str | None = None,
     # httpx logs every request URL at INFO; URLs may carry tokens in query strings.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("httpcore").setLevel(logging.WARNING)
+    # A library's warning is a log line like any other (formatted, scrubbed, one line),
+    # not Python's "file:line: Category: message" and source line on bare stderr.
+    warnings.showwarning = _log_warning
+
+
+def _log_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                 file: TextIO | None = None, line: str | None = None) -> None:
+    logging.getLogger("py.warnings").warning(
+        "%s: %s", category.__name__, " ".join(str(message).split()))
 
 
 def _json(obj: dict[str, object]) -> str:

@@ -289,6 +289,8 @@ class Outcome:
 _SECRET_KEY = re.compile(
     r"(token|secret|password|passwd|api[_-]?key|access[_-]?key|key$|authorization|auth"
     r"|credential|cookie|signature|private)", re.I)
+#: What a ``*_env`` key may hold: the name of a variable (as providers._config checks it).
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 
 
 def config_secrets(config: Any, environ: Mapping[str, str]) -> list[str]:
@@ -296,7 +298,10 @@ def config_secrets(config: Any, environ: Mapping[str, str]) -> list[str]:
 
     Any string under a key that looks secret (token, secret, password, api_key, ...),
     and the environment value of any ``*_env`` key (e.g. ``token_env``), scoped or not:
-    a careless plugin may read and echo a variable the scopes refused. (This lets a tenant
+    a careless plugin may read and echo a variable the scopes refused. The *name* a
+    ``*_env`` key holds is not a secret, set or not (the operator needs it in "token_env
+    names X, which is not set"); a value that is no variable name at all is kept secret,
+    as it is most likely a token pasted under the wrong key. (This lets a tenant
     whose server echoes guesses tell, from the ``***``, that a guess equals a whole value
     it named; that needs the whole value guessed, where not scrubbing would hand it over.)
     """
@@ -310,8 +315,8 @@ def config_secrets(config: Any, environ: Mapping[str, str]) -> list[str]:
             for v in value:
                 visit(v, key)
         elif isinstance(value, str):
-            if key.endswith("_env") and environ.get(value.strip()):
-                found.append(environ[value.strip()])
+            if key.endswith("_env") and _ENV_NAME.fullmatch(value.strip()):
+                found.append(environ.get(value.strip(), ""))
             elif _SECRET_KEY.search(key):
                 found.append(value)
 

@@ -253,6 +253,26 @@ def test_env_keys_are_resolved_from_the_environment():
     ]
 
 
+def test_the_variable_name_an_env_key_holds_is_not_a_secret_even_when_it_is_unset():
+    # The name is what the operator needs to see ("token_env names CAL_TOKEN, which is not
+    # set"); only the variable's value is a secret.
+    assert config_secrets({"token_env": "CAL_TOKEN"}, environ={}) == []
+    assert config_secrets({"nested": {"api_key_env": "KEY_1"}}, environ={"KEY_1": ""}) == []
+
+
+def test_an_env_key_holding_something_that_is_no_variable_name_is_kept_secret():
+    # Most likely a token pasted under the wrong key: it is refused, and never printed.
+    assert config_secrets({"token_env": "tok-live.5f2c9a7e"}, environ={}) == [
+        "tok-live.5f2c9a7e"]
+
+
+def test_a_token_env_naming_an_unset_variable_is_an_error_that_names_it():
+    outcome = call_provider(item("calcom", {"event_type_id": 1, "token_env": "CALCOM_TOKEN_WS_1"}),
+                            context())
+    assert outcome.error is not None and "***" not in outcome.error
+    assert "provider_config.token_env names CALCOM_TOKEN_WS_1, which" in outcome.error
+
+
 def test_a_config_without_secrets_has_none():
     assert config_secrets({"calendar_id": "primary", "slots_per_day": 8}, environ={}) == []
     assert config_secrets(["not", "an", "object"], environ={}) == []

@@ -717,3 +717,19 @@ def test_version_prints_the_package_version_and_exits_0():
     result = run_cli("--version", env=closed_port_env())
     assert result.returncode == 0
     assert result.stdout.strip() == f"availability-cron {__version__}"
+
+
+def test_a_python_warning_in_the_job_is_one_formatted_scrubbed_log_line():
+    import subprocess
+    import sys
+
+    code = ("import warnings\n"
+            "from availability_cron import cli\n"
+            "cli._configure_logging('INFO', 'r1', ['s3cret-xyzzy'])\n"
+            "warnings.warn('a library says\\nsomething about s3cret-xyzzy', UserWarning)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=30, env=clean_env(), check=True)
+
+    [line] = proc.stderr.splitlines()
+    assert re.fullmatch(r"\S+Z WARNING run=r1 py\.warnings: UserWarning: a library says "
+                        r"something about \*\*\*", line), proc.stderr

@@ -13,7 +13,9 @@ from availability_cron.providers import (
     RetryableProviderError,
 )
 from availability_cron.providers._http import (
+    DEFAULT_RATE_LIMIT_SECONDS,
     MAX_BODY_BYTES,
+    MAX_RETRY_AFTER_SECONDS,
     HttpSession,
     credential_key,
     retry_after_seconds,
@@ -55,6 +57,25 @@ def test_a_429_is_retryable_with_its_retry_after_and_is_not_retried_in_the_run(
     with pytest.raises(RetryableProviderError, match="rate limited"):
         session.get(request(), http_server.url("/limited"), what="t", gate_key=key)
     assert len(http_server.requests) == 1
+
+
+@pytest.mark.parametrize("value", ["1e309", "inf", "-inf", "nan", "NaN"])
+def test_a_retry_after_that_is_no_finite_number_is_ignored_not_printed(http_server, session,
+                                                                         value):
+    http_server.route("/limited", Reply(429, {}, headers={"Retry-After": value}))
+    with pytest.raises(RetryableProviderError) as info:
+        session.get(request(), http_server.url("/limited"), what="t")
+    assert info.value.retry_after == DEFAULT_RATE_LIMIT_SECONDS
+    assert "retry after 60s" in str(info.value)
+    assert "inf" not in str(info.value) and "nan" not in str(info.value)
+
+
+def test_a_huge_retry_after_is_capped_at_a_day(http_server, session):
+    http_server.route("/limited", Reply(429, {}, headers={"Retry-After": "1e300"}))
+    with pytest.raises(RetryableProviderError) as info:
+        session.get(request(), http_server.url("/limited"), what="t")
+    assert info.value.retry_after == MAX_RETRY_AFTER_SECONDS == 86_400
+    assert "retry after 86400s" in str(info.value)
 
 
 def test_a_5xx_is_retried_and_a_later_success_wins(http_server, session):
@@ -119,3 +140,5 @@ def test_retry_after_accepts_seconds_and_http_dates():
     assert retry_after_seconds("Thu, 01 Jan 1970 00:01:40 GMT", 40.0) == 60
     assert retry_after_seconds("soon", 0) is None
     assert retry_after_seconds(None, 0) is None
+    assert retry_after_seconds("1e309", 0) is None
+    assert retry_after_seconds("Fri, 31 Dec 9999 23:59:59 GMT", 0) == MAX_RETRY_AFTER_SECONDS

@@ -142,7 +142,9 @@ def test_an_unusable_config_is_a_permanent_error_naming_the_key(session, cfg, me
 
 
 def limited(reset_in: float = 900, **headers: str) -> Reply:
-    reset = str(int(NOW.timestamp() + reset_in))
+    """A 429 as Cal.com's throttler sends it: X-RateLimit-Reset-{Name} is the seconds left
+    in the window (not a Unix time)."""
+    reset = str(int(reset_in))
     return Reply(429, {"status": "error", "error": {"code": "TooManyRequestsException",
                                                     "message": "Too many requests"}},
                  headers={"X-RateLimit-Limit-Default": "120",
@@ -179,9 +181,8 @@ def test_a_429_retry_after_header_is_honoured(http_server, session):
 def test_a_success_that_exhausts_the_limit_keeps_its_slots_and_spares_the_next_call(
     http_server, session
 ):
-    reset = str(int(NOW.timestamp() + 30))
     http_server.route("/v2/slots", Reply(200, SLOTS_BODY, headers={
-        "X-RateLimit-Remaining-Default": "0", "X-RateLimit-Reset-Default": reset}))
+        "X-RateLimit-Remaining-Default": "0", "X-RateLimit-Reset-Default": "30"}))
     assert len(fetch(session, config(http_server), workspace="ws-1")) == 3
     with pytest.raises(RetryableProviderError, match="rate limited") as info:
         fetch(session, config(http_server), workspace="ws-2")
@@ -190,18 +191,25 @@ def test_a_success_that_exhausts_the_limit_keeps_its_slots_and_spares_the_next_c
 
 
 def test_rate_limit_wait_is_none_while_every_limit_has_requests_left():
-    headers = {"X-RateLimit-Remaining-Default": "1", "X-RateLimit-Reset-Default": "2000"}
+    headers = {"X-RateLimit-Remaining-Default": "1", "X-RateLimit-Reset-Default": "40"}
     assert rate_limit_wait(headers, 1000.0) is None
     assert rate_limit_wait({}, 1000.0) is None
 
 
 def test_rate_limit_wait_is_the_longest_wait_of_the_exhausted_limits():
     headers = {
-        "x-ratelimit-remaining-short": "0", "x-ratelimit-reset-short": "1010",
-        "X-RateLimit-Remaining-Long": "0", "X-RateLimit-Reset-Long": "1600",
+        "x-ratelimit-remaining-short": "0", "x-ratelimit-reset-short": "10",
+        "X-RateLimit-Remaining-Long": "0", "X-RateLimit-Reset-Long": "600",
         "X-RateLimit-Remaining-Default": "3", "X-RateLimit-Reset-Default": "5000",
     }
     assert rate_limit_wait(headers, 1000.0) == 600
+
+
+def test_rate_limit_wait_reads_the_reset_as_seconds_left_in_the_window_whatever_the_clock():
+    # Cal.com's throttler sends the seconds left in the window, e.g. 42 of a minute.
+    headers = {"X-RateLimit-Remaining-Default": "0", "X-RateLimit-Reset-Default": "42"}
+    assert rate_limit_wait(headers, NOW.timestamp()) == 42
+    assert rate_limit_wait(headers, 0.0) == 42
 
 
 def test_rate_limit_wait_of_an_exhausted_limit_without_a_usable_reset():
@@ -209,7 +217,7 @@ def test_rate_limit_wait_of_an_exhausted_limit_without_a_usable_reset():
     assert rate_limit_wait({"X-RateLimit-Remaining-Default": "0",
                             "X-RateLimit-Reset-Default": "soon"}, 1000.0) == 60
     assert rate_limit_wait({"X-RateLimit-Remaining-Default": "0",
-                            "X-RateLimit-Reset-Default": "900"}, 1000.0) == 0
+                            "X-RateLimit-Reset-Default": "-5"}, 1000.0) == 0
     assert rate_limit_wait({"X-RateLimit-Remaining-Default": "none"}, 1000.0) is None
 
 
@@ -346,7 +354,7 @@ def test_a_rate_limited_workspace_backs_off_until_the_reset_while_the_run_goes_o
     def answer(seen: Seen) -> Reply:
         if seen.headers["authorization"] == f"Bearer {TOKEN}":
             return Reply(429, {"message": f"too many requests for key {TOKEN}"}, headers={
-                "X-RateLimit-Remaining-Default": "0", "X-RateLimit-Reset-Default": str(reset)})
+                "X-RateLimit-Remaining-Default": "0", "X-RateLimit-Reset-Default": "900"})
         return Reply(200, {"status": "success", "data": {}})
 
     http_server.route("/v2/slots", answer)

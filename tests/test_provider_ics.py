@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta
@@ -353,6 +354,33 @@ def test_a_broken_calendar_is_a_permanent_error_that_does_not_echo_it(provider, 
     assert "xyzzy" not in str(info.value)
 
 
+#: From a real Google birthday calendar: RDATE with a date and a "Z" is no valid value.
+GOOGLE_BIRTHDAY = vevent("bday", "DTSTART;VALUE=DATE:20131210", "RRULE:FREQ=YEARLY",
+                         "RDATE:20131210Z", "SUMMARY:xyzzy's birthday")
+
+
+@pytest.mark.parametrize("bad", [
+    GOOGLE_BIRTHDAY,
+    vevent("x", "DTSTART:garbage-xyzzy", "DTEND:20261020T100000Z"),
+    vevent("r", "DTSTART:20261020T090000Z", "DURATION:PT1H", "RRULE:FREQ=FORTNIGHTLY-xyzzy"),
+], ids=["google-birthday-rdate", "broken-dtstart", "broken-rrule"])
+def test_an_unreadable_event_is_skipped_with_a_warning_and_the_rest_of_the_feed_is_used(
+    provider, http_server, caplog, bad
+):
+    feed = vcalendar(bad, vevent("ok", "DTSTART:20261020T090000Z", "DTEND:20261020T100000Z"))
+    config = {"url": serve(http_server, feed), "timezone": "UTC", "slot_minutes": 60,
+              "hours": {"tue": [["09:00", "11:00"]]}}
+
+    with caplog.at_level("WARNING", logger="availability_cron.providers.ics"):
+        assert fetch(provider, config, utc(10, 20), utc(10, 21)) == [utc(10, 20, 10)]
+    [record] = [r for r in caplog.records if r.name == "availability_cron.providers.ics"]
+    assert record.levelname == "WARNING"
+    assert record.getMessage() == (
+        "workspace ws-1: ics: skipped 1 of the feed's 2 events: it cannot be read or "
+        "expanded; the others are used")
+    assert "xyzzy" not in record.getMessage()
+
+
 def test_a_missing_feed_is_a_permanent_error(provider, http_server):
     config = {"url": http_server.url("/gone.ics"), "timezone": "UTC"}
 
@@ -368,6 +396,62 @@ def test_secret_looking_path_segments_are_hidden_in_messages(provider, http_serv
         fetch(provider, config, utc(10, 20), utc(10, 21))
     assert "0123456789abcdef" not in str(info.value)
     assert "/calendar/ical/…/basic.ics" in str(info.value)
+
+
+# --- feeds as real calendar programs write them ----------------------------------------------
+
+
+def test_a_feed_starting_with_a_utf8_bom_is_read(provider, http_server):
+    # Windows/.NET exporters often put a byte order mark before BEGIN:VCALENDAR.
+    feed = "\ufeff" + vcalendar(vevent("bom", "DTSTART:20261020T090000Z",
+                                       "DTEND:20261020T100000Z"))
+    http_server.route("/feed.ics", Reply(200, feed.encode("utf-8"),
+                                         headers={"Content-Type": "text/calendar"}))
+    config = {"url": http_server.url("/feed.ics"), "timezone": "UTC", "slot_minutes": 60,
+              "hours": {"tue": [["09:00", "11:00"]]}}
+
+    assert fetch(provider, config, utc(10, 20), utc(10, 21)) == [utc(10, 20, 10)]
+
+
+def test_a_feed_file_starting_with_a_utf8_bom_is_read(tmp_path):
+    (tmp_path / "cal.ics").write_bytes(b"\xef\xbb\xbf" + BUSY_TUESDAY_NINE.encode())
+    config = {"path": "cal.ics", "timezone": "UTC", "slot_minutes": 60, "hours": FILE_HOURS}
+
+    assert fetch(file_provider(tmp_path), config, utc(10, 20), utc(10, 21)) == [utc(10, 20, 10)]
+
+
+def vfreebusy(*lines: str) -> str:
+    return "\r\n".join(["BEGIN:VFREEBUSY", "UID:fb", "DTSTAMP:20260901T000000Z",
+                        "DTSTART:20261019T000000Z", "DTEND:20261031T000000Z", *lines,
+                        "END:VFREEBUSY"])
+
+
+def test_a_free_busy_feed_blocks_its_busy_periods(provider, http_server):
+    # What Fastmail, Nextcloud and Zimbra publish at their free/busy URLs: no VEVENTs,
+    # only VFREEBUSY periods. Tuesday and Wednesday are busy from 09:00 to 17:00.
+    feed = vcalendar(vfreebusy(
+        "FREEBUSY;FBTYPE=BUSY:20261020T090000Z/20261020T170000Z,20261021T090000Z/PT8H"))
+    config = {"url": serve(http_server, feed), "timezone": "UTC", "slot_minutes": 60}
+
+    slots = fetch(provider, config, utc(10, 19), utc(10, 23))
+
+    assert slots == grid([(10, 19), (10, 22)], range(9, 17))
+
+
+def test_free_busy_periods_of_every_busy_type_block_and_free_ones_do_not(provider, http_server):
+    feed = vcalendar(
+        vfreebusy("FREEBUSY:20261020T090000Z/PT1H",  # no FBTYPE: BUSY
+                  "FREEBUSY;FBTYPE=BUSY-TENTATIVE:20261020T100000Z/PT1H",
+                  "FREEBUSY;FBTYPE=BUSY-UNAVAILABLE:20261020T110000Z/20261020T120000Z",
+                  "FREEBUSY;FBTYPE=FREE:20261020T120000Z/PT1H",
+                  "FREEBUSY;FBTYPE=X-OUT-OF-OFFICE:20261020T130000Z/PT1H"),  # unknown: BUSY
+        vevent("meeting", "DTSTART:20261020T140000Z", "DTEND:20261020T150000Z"),
+    )
+    config = {"url": serve(http_server, feed), "timezone": "UTC", "slot_minutes": 60,
+              "hours": {"tue": [["09:00", "16:00"]]}}
+
+    assert fetch(provider, config, utc(10, 20), utc(10, 21)) == [utc(10, 20, 12),
+                                                                 utc(10, 20, 15)]
 
 
 # --- expansion limits -----------------------------------------------------------------------
@@ -393,6 +477,32 @@ def test_a_rule_too_costly_to_expand_up_to_the_window_is_refused(provider, http_
 
     with pytest.raises(PermanentProviderError, match="too costly to expand"):
         fetch(provider, config, utc(10, 20), utc(10, 31))
+
+
+def test_a_secondly_rule_its_by_parts_narrow_to_once_an_hour_is_expanded(provider, http_server):
+    # ~800 occurrences over the padded 30-day window: cheap, whatever its FREQ says.
+    feed = vcalendar(vevent("hourly", "DTSTART:20261020T000000Z", "DURATION:PT30M",
+                            "RRULE:FREQ=SECONDLY;BYSECOND=0;BYMINUTE=0"))
+    config = {"url": serve(http_server, feed), "timezone": "UTC", "slot_minutes": 30,
+              "hours": {"mon": [["09:00", "11:00"]]}}
+
+    slots = fetch(provider, config, utc(10, 20), utc(11, 19))
+
+    mondays = [(10, 26), (11, 2), (11, 9), (11, 16)]
+    assert slots == grid(mondays, range(9, 11), minute=30)
+
+
+def test_a_narrowed_secondly_rule_started_long_before_the_window_is_still_refused(
+    provider, http_server
+):
+    # dateutil walks every second from DTSTART to filter them (3 s for a year): the walk
+    # is charged even though few occurrences are kept.
+    feed = vcalendar(vevent("hourly", "DTSTART:20251020T000000Z", "DURATION:PT30M",
+                            "RRULE:FREQ=SECONDLY;BYSECOND=0;BYMINUTE=0"))
+    config = {"url": serve(http_server, feed), "timezone": "UTC"}
+
+    with pytest.raises(PermanentProviderError, match="too costly to expand"):
+        fetch(provider, config, utc(10, 20), utc(11, 19))
 
 
 def test_more_occurrences_than_the_limit_after_expansion_is_a_permanent_error(
@@ -552,3 +662,23 @@ def test_a_refresh_run_stores_the_ics_slots_in_utc(database_url, conn, http_serv
     assert row["slots_utc"] == ["2026-10-20T10:00:00Z", "2026-10-20T11:00:00Z",
                                 "2026-10-21T09:00:00Z", "2026-10-21T10:00:00Z",
                                 "2026-10-21T11:00:00Z"]
+
+
+@pytest.mark.e2e
+def test_library_warnings_never_reach_stderr_as_raw_python_warnings(database_url, conn,
+                                                                   http_server):
+    # Evolution and Thunderbird write "globally unique" TZIDs; icalendar guesses the zone
+    # and warns each time with Python's own two-line print on bare stderr.
+    feed = vcalendar(vevent("tb", "DTSTART;TZID=/freeassociation.sourceforge.net/Europe/Berlin:"
+                                  "20261020T090000", "DURATION:PT1H"))
+    add_workspace(conn, "ws-tb", provider="ics", config={
+        "url": serve(http_server, feed), "timezone": "Europe/Berlin"})
+
+    result = run_cli("refresh", env=clean_env(DATABASE_URL=database_url))
+
+    assert result.returncode == 0, result.stderr
+    assert result.json()["refreshed"] == 1
+    log_line = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z [A-Z]+ ")
+    stray = [line for line in result.stderr.splitlines() if not log_line.match(line)]
+    assert stray == [], result.stderr
+    assert "GloballyUniqueTZIDGuessed" not in result.stderr

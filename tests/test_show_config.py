@@ -90,6 +90,17 @@ def test_show_prints_the_source_and_cache_rows_without_any_secret(database_url, 
 
 
 @pytest.mark.e2e
+def test_show_prints_the_name_a_token_env_holds_when_that_variable_is_unset(database_url, conn):
+    add_workspace(conn, "unset", provider="calcom",
+                  config={"event_type_id": 1, "token_env": "UNSET_CALCOM_TOKEN"})
+
+    result = run_cli("show", "unset", env=secret_env(database_url))
+
+    assert result.returncode == 0, result.stderr
+    assert result.json()["source"]["providerConfig"]["token_env"] == "UNSET_CALCOM_TOKEN"
+
+
+@pytest.mark.e2e
 def test_show_prints_the_slot_count_the_first_5_slots_and_them_in_the_workspaces_zone(
     database_url, acme
 ):

@@ -30,6 +30,7 @@ from __future__ import annotations
 import email.utils
 import hashlib
 import json
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -55,6 +56,9 @@ ATTEMPTS = 3
 MIN_SECONDS_FOR_RETRY = 1.0
 #: When a 429 names no delay, back off this long.
 DEFAULT_RATE_LIMIT_SECONDS = 60.0
+#: The longest wait a provider's Retry-After or rate-limit headers are taken at: a day,
+#: past any backoff the job would keep (AVAILABILITY_CRON_MAX_BACKOFF_MS caps it anyway).
+MAX_RETRY_AFTER_SECONDS = 86_400.0
 
 #: Redirect hops followed at most, when a provider follows them at all (ics feeds).
 MAX_REDIRECTS = 5
@@ -67,7 +71,11 @@ RateLimitReader = Callable[["httpx.Headers", float], float | None]
 
 
 def retry_after_seconds(value: str | None, now_epoch: float) -> float | None:
-    """Parse a Retry-After header: delta-seconds or an HTTP date. None if absent or invalid."""
+    """Parse a Retry-After header: delta-seconds or an HTTP date. None if absent or invalid.
+
+    Not a finite number ("1e309", "inf", "nan") is invalid; a time in the past is 0; the
+    wait is at most :data:`MAX_RETRY_AFTER_SECONDS`.
+    """
     if not value:
         return None
     value = value.strip()
@@ -81,9 +89,14 @@ def retry_after_seconds(value: str | None, now_epoch: float) -> float | None:
         if when.tzinfo is None:
             when = when.replace(tzinfo=UTC)
         seconds = when.timestamp() - now_epoch
-    if seconds != seconds or seconds < 0:  # NaN or in the past
-        return 0.0 if seconds == seconds else None
-    return seconds
+    return capped_wait(seconds)
+
+
+def capped_wait(seconds: float) -> float | None:
+    """A provider's wait fit to keep and print: None unless finite, else 0..MAX."""
+    if not math.isfinite(seconds):
+        return None
+    return min(max(0.0, seconds), MAX_RETRY_AFTER_SECONDS)
 
 
 def credential_key(provider: str, url: str, secret: str | None = None, *,
@@ -306,6 +319,8 @@ class HttpSession:
 
         now_epoch = self.wall_clock()
         provider_reset = rate_limit(response_headers, now_epoch) if rate_limit else None
+        if provider_reset is not None:  # a plugin's reader may return anything
+            provider_reset = capped_wait(provider_reset)
         if 200 <= status < 300:
             if provider_reset is not None and gate_key is not None:
                 self.block(gate_key, provider_reset)  # exhausted: spare the next calls

@@ -161,9 +161,11 @@ def parse_slots(body: Any, what: str) -> list[datetime]:
 def rate_limit_wait(headers: Mapping[str, str], now_epoch: float) -> float | None:
     """Seconds until an exhausted Cal.com limit resets, or None while requests remain.
 
-    Cal.com sends ``X-RateLimit-Remaining-{Name}`` and ``X-RateLimit-Reset-{Name}`` (a
-    Unix time in seconds) for each limit it applies; the longest wait of the limits at 0
-    wins. An exhausted limit without a readable reset waits the default 60 s.
+    Cal.com sends ``X-RateLimit-Remaining-{Name}`` and ``X-RateLimit-Reset-{Name}`` for
+    each limit it applies; the reset is the seconds left in the limit's window (its
+    throttler's time-to-expire), not a Unix time, so ``now_epoch`` plays no part. The
+    longest wait of the limits at 0 wins. An exhausted limit without a readable reset
+    waits the default 60 s.
     """
     lowered = {name.lower(): value for name, value in headers.items()}
     waits: list[float] = []
@@ -174,8 +176,7 @@ def rate_limit_wait(headers: Mapping[str, str], now_epoch: float) -> float | Non
         if remaining is None or remaining > 0:
             continue
         reset = _number(lowered.get(_RESET + name.removeprefix(_REMAINING)))
-        waits.append(DEFAULT_RATE_LIMIT_SECONDS if reset is None
-                     else max(0.0, reset - now_epoch))
+        waits.append(DEFAULT_RATE_LIMIT_SECONDS if reset is None else max(0.0, reset))
     return max(waits) if waits else None
 
 

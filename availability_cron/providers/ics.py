@@ -27,9 +27,13 @@ from __future__ import annotations
 
 import bisect
 import errno
+import logging
+import math
 import os
 import re
 import stat
+import warnings
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
@@ -44,7 +48,15 @@ import recurring_ical_events  # type: ignore[import-untyped]  # ships no py.type
 from ._body import MAX_BODY_BYTES
 from ._config import ConfigReader
 from ._memory import Reservation
-from .base import FetchRequest, PermanentProviderError, Provider, RetryableProviderError
+from .base import (
+    FetchRequest,
+    PermanentProviderError,
+    Provider,
+    ProviderContext,
+    RetryableProviderError,
+)
+
+log = logging.getLogger(__name__)
 
 #: The only directory ``path`` feeds may be read from; unset means no local files at all.
 FILE_ROOT_ENV = "AVAILABILITY_CRON_ICS_FILE_ROOT"
@@ -96,6 +108,17 @@ _DATA_ERRORS = (ValueError, KeyError, TypeError, AttributeError, OverflowError)
 #: that ``span / period`` over-estimates the number of periods a rule steps through.
 _FREQ_SECONDS = {"SECONDLY": 1, "MINUTELY": 60, "HOURLY": 3600, "DAILY": 86_400,
                  "WEEKLY": 7 * 86_400, "MONTHLY": 28 * 86_400, "YEARLY": 365 * 86_400}
+#: The sub-daily fields a BY part names: (level, values per parent unit, the parent's
+#: length in seconds). A BY part at or above its rule's FREQ level limits (RFC 5545's
+#: table in 3.3.10): FREQ=SECONDLY;BYMINUTE=0 keeps the seconds of one minute an hour.
+_LIMIT_FIELDS = {"BYSECOND": (0, 60, 60), "BYMINUTE": (1, 60, 3600), "BYHOUR": (2, 24, 86_400)}
+_FREQ_LEVEL = {"SECONDLY": 0, "MINUTELY": 1, "HOURLY": 2}
+#: A rule whose BY parts limit it is still walked period by period from DTSTART by
+#: dateutil, which filters each one: a walked period costs this fraction of a kept step
+#: (measured ~1/50 for SECONDLY and ~1/17 for MINUTELY; halved for a margin).
+_WALK_COST = {"SECONDLY": 1 / 25, "MINUTELY": 1 / 8, "HOURLY": 1 / 4}
+#: The FBTYPE of free time in a VFREEBUSY; every other type is busy.
+_FREE_FBTYPES = frozenset({"FREE"})
 #: How many days one BYDAY value can select in one period of this FREQ.
 _BYDAY_SPREAD = {"MONTHLY": 5, "YEARLY": 53}
 
@@ -224,6 +247,15 @@ class IcsProvider(Provider):
 
     name = "ics"
 
+    def __init__(self, context: ProviderContext) -> None:
+        super().__init__(context)
+        # icalendar warns each time it reads a "globally unique" TZID (Evolution and
+        # Thunderbird write /freeassociation.sourceforge.net/Europe/Berlin) that it took
+        # the zone after the vendor prefix: the only reading there is, the same every
+        # run, and nothing an operator can act on; it would quote the tenant's feed.
+        # (filterwarnings replaces an equal filter, so one provider per run adds one.)
+        warnings.filterwarnings("ignore", category=icalendar.GloballyUniqueTZIDGuessed)
+
     def validate_config(self, config: Mapping[str, Any]) -> None:
         read_config(config, self.context.environ)
 
@@ -239,7 +271,14 @@ class IcsProvider(Provider):
         # the feed's rules need once they are checked (a reservation never grows).
         worst = census.weight + (RULE_STEP_BYTES * MAX_RULE_STEPS if census.rules else 0)
         with self.context.memory.reserve(worst, request, "ics") as held:
-            busy = _busy_time(text, census, config.timezone, request, held)
+            found = _busy_time(text, census, config.timezone, request, held)
+        if found.unreadable:
+            # The cache row has no place for a note: the run's log carries it.
+            log.warning("workspace %s: ics: skipped %d of the feed's %d events: %s cannot be "
+                        "read or expanded; the others are used", request.workspace_id,
+                        found.unreadable, found.events,
+                        "it" if found.unreadable == 1 else "they")
+        busy = found.intervals
         not_before = request.window_start + timedelta(minutes=config.min_notice_minutes)
         return free_slots(config, busy, request.window_start, request.window_end, not_before)
 
@@ -257,7 +296,7 @@ class IcsProvider(Provider):
 
 
 def _busy_time(text: str, census: FeedCensus, zone: ZoneInfo, request: FetchRequest,
-               held: Reservation) -> list[Interval]:
+               held: Reservation) -> BusyTime:
     # The parsed calendar lives only in this frame: it is gone when the reservation ends.
     calendar = parse_calendar(text)
     return busy_intervals(calendar, zone, request.window_start - QUERY_PADDING,
@@ -410,6 +449,9 @@ def parse_calendar(text: str) -> icalendar.Calendar:
     invalid = "ics: the feed is not a valid iCalendar file: "
     if not text.lstrip("\ufeff \t\r\n").upper().startswith("BEGIN:VCALENDAR"):
         raise PermanentProviderError(invalid + "it does not start with BEGIN:VCALENDAR")
+    # Windows/.NET exporters often start the file with a UTF-8 byte order mark; decoded,
+    # it is U+FEFF, which icalendar's text parser refuses as the first content line.
+    text = text.removeprefix("\ufeff")
     try:
         calendar = icalendar.Calendar.from_ical(text)
     except _DATA_ERRORS as exc:
@@ -421,15 +463,30 @@ def parse_calendar(text: str) -> icalendar.Calendar:
     return calendar
 
 
+@dataclass(frozen=True)
+class BusyTime:
+    """The busy time of a feed, and how many of its events were skipped as unreadable."""
+
+    #: Sorted, merged, in UTC.
+    intervals: list[Interval]
+    #: VEVENTs that could not be read or expanded, and were left out.
+    unreadable: int = 0
+    #: VEVENTs in the feed, the unreadable ones included.
+    events: int = 0
+
+
 def busy_intervals(calendar: icalendar.Calendar, zone: ZoneInfo, start: datetime,
                    end: datetime, *,
-                   on_checked: Callable[[int], None] | None = None) -> list[Interval]:
-    """The busy time of ``calendar`` between ``start`` and ``end``: sorted, merged, in UTC.
+                   on_checked: Callable[[int], None] | None = None) -> BusyTime:
+    """The busy time of ``calendar`` between ``start`` and ``end``.
 
     Busy is every VEVENT occurrence overlapping the span that is neither transparent nor
-    cancelled. Dates are whole local days in ``zone`` (DTEND exclusive, one day when it
-    is missing); floating times are wall-clock times in ``zone``. Raises
-    PermanentProviderError for a feed that cannot be expanded or is too large to.
+    cancelled, and every VFREEBUSY period that is not ``FBTYPE=FREE``. Dates are whole
+    local days in ``zone`` (DTEND exclusive, one day when it is missing); floating times
+    are wall-clock times in ``zone``. An event that cannot be read or expanded (a broken
+    DTSTART, RDATE or RRULE, no DTSTART) is left out and counted in ``unreadable``, so
+    one bad event does not cost the calendar. Raises PermanentProviderError for a feed
+    that cannot be expanded or is too large to, or none of whose events can be read.
     ``on_checked`` is told the estimated rule steps once the rules passed the checks,
     before any expansion.
     """
@@ -442,43 +499,114 @@ def busy_intervals(calendar: icalendar.Calendar, zone: ZoneInfo, start: datetime
         x_wr = calendar.get("X-WR-TIMEZONE")
         if x_wr is not None and _known_zone(str(x_wr)) is None:
             del calendar["X-WR-TIMEZONE"]
+        events = len(calendar.walk("VEVENT"))
+        unreadable = _drop_unreadable_events(calendar)
+        # Series the library cannot build (a bad rule, an end before the start) are left
+        # out by it; they are the UIDs missing from what it built.
+        pending = recurring_ical_events.of(calendar, skip_bad_series=True).series
+        uids = Counter(_uid(event) for event in calendar.walk("VEVENT"))
+        unreadable += uids.total() - sum(uids[str(series.uid)] for series in pending)
+
+        def skip(series: Any) -> None:
+            nonlocal unreadable
+            unreadable += uids[str(series.uid)] or 1
+
         intervals: list[Interval] = []
-        for count, event in enumerate(_occurrences(calendar, start, end), start=1):
-            if count > MAX_OCCURRENCES:
-                raise PermanentProviderError(
-                    f"ics: the feed has more than {MAX_OCCURRENCES} event occurrences in the "
-                    "window; that is the limit"
-                )
+        count = 0
+        for event in _occurrences(pending, start, end, skip):
+            count += 1
+            _check_occurrences(count)
             if (str(event.get("TRANSP", "")).strip().upper() == "TRANSPARENT"
                     or str(event.get("STATUS", "")).strip().upper() == "CANCELLED"):
                 continue
             begin, finish = _instant(event.start, zone), _instant(event.end, zone)
             if finish > begin:  # a zero-length event blocks no time
                 intervals.append((begin, finish))
+        for period in _free_busy_periods(calendar, zone, start, end):
+            count += 1
+            _check_occurrences(count)
+            intervals.append(period)
     except _DATA_ERRORS as exc:
         raise PermanentProviderError(
             f"ics: the feed has an event that cannot be read or expanded ({type(exc).__name__})"
         ) from None
-    return _merge(intervals)
+    if unreadable and unreadable >= events and not intervals:
+        raise PermanentProviderError(
+            f"ics: the feed's events cannot be read or expanded (all {events} of them)")
+    return BusyTime(_merge(intervals), unreadable, events)
 
 
-def _occurrences(calendar: icalendar.Calendar, start: datetime,
-                 end: datetime) -> Iterator[icalendar.Event]:
-    """Every VEVENT occurrence overlapping [start, end], one at a time.
+def _drop_unreadable_events(calendar: icalendar.Calendar) -> int:
+    """Take out the VEVENTs icalendar could not read (it keeps their parse errors) and
+    those without a DTSTART; return how many."""
+    kept: list[icalendar.Component] = []
+    for component in calendar.subcomponents:
+        if component.name == "VEVENT" and (getattr(component, "errors", None)
+                                           or "DTSTART" not in component):
+            continue
+        kept.append(component)
+    dropped = len(calendar.subcomponents) - len(kept)
+    calendar.subcomponents[:] = kept
+    return dropped
+
+
+def _uid(event: icalendar.Component) -> str:
+    # How recurring_ical_events groups events into series: by UID, or alone without one.
+    return str(event.get("UID", str(id(event))))
+
+
+def _check_occurrences(count: int) -> None:
+    if count > MAX_OCCURRENCES:
+        raise PermanentProviderError(
+            f"ics: the feed has more than {MAX_OCCURRENCES} event occurrences in the "
+            "window; that is the limit"
+        )
+
+
+def _free_busy_periods(calendar: icalendar.Calendar, zone: ZoneInfo, start: datetime,
+                       end: datetime) -> Iterator[Interval]:
+    """The busy periods of the calendar's VFREEBUSY components overlapping [start, end].
+
+    Free/busy URLs (Fastmail, Nextcloud, Zimbra) publish no VEVENTs, only ``FREEBUSY``
+    properties: each a list of periods (start/end or start/duration) of one ``FBTYPE``.
+    BUSY (the default), BUSY-TENTATIVE and BUSY-UNAVAILABLE are busy; FREE is not; an
+    unknown type is busy, as RFC 5545 (3.2.9) asks.
+    """
+    for component in calendar.walk("VFREEBUSY"):
+        values = component.get("FREEBUSY")
+        if values is None:
+            continue
+        for period in values if isinstance(values, list) else [values]:
+            if str(period.params.get("FBTYPE", "BUSY")).strip().upper() in _FREE_FBTYPES:
+                continue
+            first, end_or_length = period.dt
+            begin = _instant(first, zone)
+            finish = (begin + end_or_length if isinstance(end_or_length, timedelta)
+                      else _instant(end_or_length, zone))
+            if finish > begin and begin < end and finish > start:
+                yield begin, finish
+
+
+def _occurrences(pending: list[Any], start: datetime, end: datetime,
+                 on_unreadable: Callable[[Any], None]) -> Iterator[icalendar.Event]:
+    """Every occurrence of the ``pending`` series overlapping [start, end], one at a time.
 
     What ``recurring_ical_events.of(calendar).between(start, end)`` returns, but as a
     generator: ``between`` builds a copy of every occurrence first (~2 KB each), so a
     feed over the occurrence limit would cost its whole expansion before being counted.
     Each series is let go once expanded: its rules cache every instance they stepped
     through from DTSTART (dateutil's ``cache=True``, ~60 bytes a step), so only the
-    series being expanded holds such a cache, not all of them at once.
+    series being expanded holds such a cache, not all of them at once. A series that
+    fails while expanding is passed to ``on_unreadable``; what it yielded stays busy.
     """
-    pending = recurring_ical_events.of(calendar).series
     pending.reverse()  # popped from the end: the library's order
     while pending:
         series = pending.pop()
-        for occurrence in series.between(start, end):
-            yield occurrence.as_component(False)
+        try:
+            for occurrence in series.between(start, end):
+                yield occurrence.as_component(False)
+        except _DATA_ERRORS:
+            on_unreadable(series)
         del series
 
 
@@ -545,12 +673,19 @@ def _check_expansion_cost(calendar: icalendar.Calendar, zone: ZoneInfo, start: d
 
 def _rule_cost(rule: Mapping[str, list[Any]], first: datetime, zone: ZoneInfo,
                start: datetime, end: datetime) -> tuple[int, int]:
-    """Upper bounds on (occurrences from ``first`` to ``end``, occurrences in the span)."""
+    """Upper bounds on (steps from ``first`` to ``end``, occurrences in the span).
+
+    A step is an occurrence dateutil keeps, or the equivalent CPU of the periods it walks
+    and filters away when sub-daily BY parts limit the rule (see _WALK_COST).
+    """
     freq = str(rule["FREQ"][0]).upper()
     period = _FREQ_SECONDS[freq] * max(1, int(rule.get("INTERVAL", [1])[0]))
+    level = _FREQ_LEVEL.get(freq, len(_FREQ_LEVEL))
+    limits = {key: len(values) for key, values in rule.items()
+              if key in _LIMIT_FIELDS and _LIMIT_FIELDS[key][0] >= level}
     per_period = 1
     for key, values in rule.items():
-        if key.startswith("BY") and key != "BYSETPOS":
+        if key.startswith("BY") and key != "BYSETPOS" and key not in limits:
             per_period *= len(values) * (_BYDAY_SPREAD.get(freq, 1) if key == "BYDAY" else 1)
     stop = end
     if rule.get("UNTIL"):
@@ -559,11 +694,26 @@ def _rule_cost(rule: Mapping[str, list[Any]], first: datetime, zone: ZoneInfo,
     def periods(begin: datetime) -> int:
         return 0 if stop < begin else int((stop - begin).total_seconds() // period) + 1
 
-    total, window = periods(first), periods(max(first, start))
+    def kept(begin: datetime) -> int:
+        """Periods the limits let through: per unit of the coarsest limited field, the
+        product of the values each field from FREQ's up to it may take."""
+        walked = periods(begin)
+        if not limits or walked == 0:
+            return walked
+        top, _, parent = max(_LIMIT_FIELDS[key] for key in limits)
+        parents = int((stop - begin).total_seconds() // parent) + 2  # both ends partial
+        per_parent = 1
+        for key, (field_level, values, _) in _LIMIT_FIELDS.items():
+            if level <= field_level <= top:
+                per_parent *= limits.get(key, values)
+        return min(walked, parents * per_parent)
+
+    total, window = kept(first), kept(max(first, start))
     if rule.get("COUNT"):
         count = int(rule["COUNT"][0])
         total, window = min(total, count), min(window, count)
-    return total * per_period, window * per_period
+    walk = math.ceil(periods(first) * _WALK_COST[freq]) if limits else 0
+    return total * per_period + walk, window * per_period
 
 
 def free_slots(config: IcsConfig, busy: Sequence[Interval], window_start: datetime,
