@@ -14,6 +14,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 
+def _connect(target: tuple[str, int]) -> socket.socket:
+    """A connection to PostgreSQL at (host, port); a host that is a directory is libpq's
+    Unix-socket form (the embedded server listens only there)."""
+    host, port = target
+    if host.startswith("/"):
+        upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        upstream.connect(f"{host}/.s.PGSQL.{port}")
+        return upstream
+    return socket.create_connection(target)
+
+
 class Blackhole:
     """See the module docstring; build it with :func:`blackhole_proxy`."""
 
@@ -48,7 +59,7 @@ class Blackhole:
             self.sockets.append(client)
             if not self.forwarding.is_set():
                 continue  # accepted, never answered
-            upstream = socket.create_connection(self.target)
+            upstream = _connect(self.target)
             self.sockets.append(upstream)
             for src, dst in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(src, dst), name="blackhole-pump",
