@@ -1168,14 +1168,7 @@ def run_refresh(
                         return _skipped(settings, rt, holder)
                     now = rt.clock()
                     with answering(work):
-                        the_plan = plan(
-                            fetch_due(work, settings.source_table, now, settings.limit),
-                            fetch_missing(work, settings.source_table, settings.limit),
-                            limit=settings.limit,
-                            reserve=settings.missing_reserve,
-                            now=now,
-                        )
-                        invalid = warn_invalid_rows(work, settings.source_table)
+                        the_plan, invalid = _plan_now(work, settings, now)
                     log.info(
                         "planned %d refreshes (%d missing, %d stale)",
                         len(the_plan.queue), the_plan.missing, the_plan.stale,
@@ -1356,19 +1349,24 @@ class DryRun:
         }
 
 
+def _plan_now(conn: db.Connection, settings: Settings, now: datetime) -> tuple[Plan, int]:
+    """The two planning reads, the plan, and the source's invalid rows (warned about once)."""
+    the_plan = plan(
+        fetch_due(conn, settings.source_table, now, settings.limit),
+        fetch_missing(conn, settings.source_table, settings.limit),
+        limit=settings.limit,
+        reserve=settings.missing_reserve,
+        now=now,
+    )
+    return the_plan, warn_invalid_rows(conn, settings.source_table)
+
+
 def dry_run(settings: Settings, rt: Runtime, *, default_source: str) -> DryRun:
     """Plan without taking the lock, calling a provider or writing anything."""
     with db.translate_errors(settings.secrets()), rt.connect("dry-run") as conn:
         db.ensure_schema(conn, settings.source_table, default_source)
         now = rt.clock()
-        the_plan = plan(
-            fetch_due(conn, settings.source_table, now, settings.limit),
-            fetch_missing(conn, settings.source_table, settings.limit),
-            limit=settings.limit,
-            reserve=settings.missing_reserve,
-            now=now,
-        )
-        invalid = warn_invalid_rows(conn, settings.source_table)
+        the_plan, invalid = _plan_now(conn, settings, now)
         if lock.on_standby(conn):  # the plan reads fine on a replica; the lock does not
             log.warning("dry run: lockHeld is unknown: %s", lock.STANDBY_HINT)
             holder, lock_held = None, None
