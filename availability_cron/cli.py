@@ -379,6 +379,10 @@ protocol) at its start and its end: success for exit 0 (skipped included), /fail
 otherwise; --dry-run and --workspace runs do not ping. The pings delay the end of a run by
 at most {PING_TIMEOUT_SECONDS:.0f} s and never change the exit code.
 
+SIGTERM or SIGINT (systemctl stop, a Kubernetes deadline, Ctrl-C) stops a cron run: no
+more calls start, what finished is written, the summary says reason "terminated", the
+run is recorded and /fail pinged, exit 1; a second signal ends the process at once.
+
 Set only in the environment or env file: {_ENV_ONLY_HELP}
 
 {EXIT_CODES_HELP}
