@@ -34,6 +34,7 @@ import psycopg
 from psycopg.rows import class_row
 
 from . import queries
+from .clock import iso_utc_or_none
 from .errors import AvailabilityCronError, NotPermitted, NotPrimary, TransactionPooler
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,7 @@ class LockHolder:
         return {
             "pid": self.pid,
             "applicationName": self.application_name,
-            "since": self.backend_start.isoformat() if self.backend_start else None,
+            "since": iso_utc_or_none(self.backend_start),
             "heldForSeconds": (
                 round(self.held_for_seconds, 1) if self.held_for_seconds is not None else None
             ),
@@ -154,7 +155,7 @@ class LockHolder:
             "runId": match["run_id"],
             "osPid": int(os_pid) if os_pid else None,
             # From the run id (a UUIDv7 prefix): when the holding run started.
-            "runStartedAt": started.isoformat().replace("+00:00", "Z") if started else None,
+            "runStartedAt": iso_utc_or_none(started),
             "host": match["host"] or None,
             # A long host name is cut by PostgreSQL's 63-byte limit on application_name.
             "hostMayBeTruncated": len((self.application_name or "").encode())
@@ -199,7 +200,7 @@ def _duration(value: timedelta) -> str:
 
 
 def _iso(value: datetime | None) -> str | None:
-    return value.astimezone(UTC).isoformat().replace("+00:00", "Z") if value else None
+    return iso_utc_or_none(value)
 
 
 def _quote_ident(name: str) -> str:

@@ -27,6 +27,7 @@ from typing import Any
 from psycopg.rows import class_row, dict_row
 
 from . import db, queries
+from .clock import iso_utc_or_none
 from .errors import ConfigError
 from .source import fetch_invalid_rows
 
@@ -134,7 +135,7 @@ class WorkspaceStaleness:
 
 
 def _iso(at: datetime | None) -> str | None:
-    return None if at is None else at.isoformat().replace("+00:00", "Z")
+    return iso_utc_or_none(at)
 
 
 def _seconds_since(at: datetime, then: datetime | None) -> float | None:

@@ -33,6 +33,7 @@ from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 
 from . import db, lock, queries
+from .clock import iso_utc
 
 # GRACE_SECONDS: how long past the budget calls are waited for (the run's bounds: deadline.py).
 from .deadline import CLOSE_SECONDS, GRACE_SECONDS, Deadline, StopRequest, database_left
@@ -946,7 +947,7 @@ class RunSummary:
             "skipped": self.skipped,
             "reason": self.reason,
             "runId": self.run_id,
-            "startedAt": self.started_at.isoformat().replace("+00:00", "Z"),
+            "startedAt": iso_utc(self.started_at),
             "durationMs": self.duration_ms,
             "timeBudgetMs": self.time_budget_ms,
             "concurrency": self.concurrency,
@@ -1324,7 +1325,7 @@ class DryRun:
     def as_json(self) -> dict[str, object]:
         return {
             "dryRun": True,
-            "at": self.at.isoformat().replace("+00:00", "Z"),
+            "at": iso_utc(self.at),
             "limit": self.limit,
             "planned": len(self.plan.queue),
             "missingPlanned": self.plan.missing,

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from psycopg.rows import class_row
 
 from . import db, queries
+from .clock import iso_utc_or_none
 from .errors import ConfigError
 from .refresh import config_secrets, redact_config
 from .settings import scrub
@@ -148,7 +149,7 @@ def local_slots(config: Any, slots: list[str]) -> dict[str, object]:
 
 
 def _iso(value: datetime | None) -> str | None:
-    return value.astimezone(UTC).isoformat().replace("+00:00", "Z") if value else None
+    return iso_utc_or_none(value)
 
 
 def _scrubbed(value: Any, secrets: list[str]) -> Any:
