@@ -11,7 +11,7 @@ A run, from process start (monotonic), with the network or the database gone inc
   :func:`availability_cron.db.answer_within`);
 - ``+ CLOSE_SECONDS``: closing the providers (a hung plugin is left behind);
 - ``+ PING_SECONDS``: the dead-man's-switch end ping (:mod:`.ping`);
-- ``+`` the history bound: recording the run (:mod:`.history`).
+- ``+`` the history bound: recording the run (:mod:`.history`, RECORD_SECONDS).
 
 A SIGTERM or SIGINT (:class:`StopRequest`) shortens this: no call starts after it, its
 round trips end within STOP_SECONDS, then the providers close and the run reports as
@@ -38,9 +38,16 @@ CLOSE_SECONDS = 2.0
 #: After a stop signal: every database round trip left (writing what finished, releasing
 #: the lock) ends within this; then the run reports as usual.
 STOP_SECONDS = 2.0
+#: Recording the run (history.py): one connect attempt (libpq's minimum connect timeout is
+#: 2 s) and its statements, each bounded to RECORD_STATEMENT_MS (the two that write and
+#: the one that sets their bounds).
+RECORD_CONNECT_SECONDS = 2
+RECORD_STATEMENT_MS = 500
+RECORD_SECONDS = RECORD_CONNECT_SECONDS + 3 * RECORD_STATEMENT_MS / 1000
 
-__all__ = ["CLOSE_SECONDS", "GRACE_SECONDS", "PING_SECONDS", "STOP_SECONDS", "WIND_DOWN_SECONDS",
-           "Deadline", "StopRequest", "stop_seconds", "worst_case_seconds"]
+__all__ = ["CLOSE_SECONDS", "GRACE_SECONDS", "PING_SECONDS", "RECORD_SECONDS", "STOP_SECONDS",
+           "WIND_DOWN_SECONDS", "Deadline", "StopRequest", "stop_seconds",
+           "worst_case_seconds"]
 
 
 @dataclass(frozen=True)
@@ -94,15 +101,10 @@ def database_left(deadline: Deadline, stop: StopRequest | None = None) -> float:
 
 def stop_seconds() -> float:
     """The longest a run takes from a stop signal to its exit."""
-    from .history import BOUND_SECONDS as RECORD_SECONDS  # see worst_case_seconds
-
     return STOP_SECONDS + CLOSE_SECONDS + PING_SECONDS + RECORD_SECONDS
 
 
 def worst_case_seconds(time_budget_ms: int) -> float:
     """The longest a run takes from process start, whatever the network does."""
-    # Imported here: history imports the refresh module, which imports this one.
-    from .history import BOUND_SECONDS as RECORD_SECONDS
-
     return (time_budget_ms / 1000 + GRACE_SECONDS + WIND_DOWN_SECONDS + CLOSE_SECONDS
             + PING_SECONDS + RECORD_SECONDS)

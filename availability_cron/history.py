@@ -21,6 +21,7 @@ from typing import Literal
 from psycopg.types.json import Jsonb
 
 from . import db, queries
+from .deadline import RECORD_CONNECT_SECONDS, RECORD_SECONDS, RECORD_STATEMENT_MS
 from .errors import AvailabilityCronError
 from .redact import scrub
 from .refresh import RunSummary
@@ -32,15 +33,14 @@ Outcome = Literal["completed", "skipped", "failed"]
 
 #: Statement and lock timeout of each history statement: they run after the run itself
 #: and must not hold the process (cron starts the next one a minute later) behind a lock.
-WRITE_TIMEOUT_MS = 500
+WRITE_TIMEOUT_MS = RECORD_STATEMENT_MS
 #: Most rows one run prunes: a backlog is worked off over the next runs (a day of runs is
 #: 1,440 rows, so a run always removes more than it adds).
 PRUNE_BATCH = 5000
 #: Connect timeout of the history connection (libpq's minimum is 2 s).
-CONNECT_TIMEOUT_SECONDS = 2
-#: The most recording can add to a run: one connect attempt, two bounded statements and
-#: the two that set their bounds.
-BOUND_SECONDS = CONNECT_TIMEOUT_SECONDS + 3 * WRITE_TIMEOUT_MS / 1000
+CONNECT_TIMEOUT_SECONDS = RECORD_CONNECT_SECONDS
+#: The most recording can add to a run (the run's worst case counts it: deadline.py).
+BOUND_SECONDS = RECORD_SECONDS
 
 
 def outcome_of(summary: RunSummary) -> Outcome:

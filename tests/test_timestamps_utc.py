@@ -12,8 +12,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+import test_lock
 from helpers import add_cache, add_run, add_workspace, clean_env, run_cli
-from test_operate_lock import REFRESH_KEY, holding_env, spawn, wait_for_holder  # noqa: F401
+from test_operate_lock import REFRESH_KEY, holding_env, wait_for_holder
+
+#: The installed command in the background, killed at teardown (test_lock's fixture).
+spawn = test_lock.spawn
 
 ISO = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}")
 

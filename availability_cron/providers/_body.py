@@ -17,10 +17,12 @@ import json
 import zlib
 from typing import TYPE_CHECKING, Any
 
-from .base import FetchRequest, PermanentProviderError, RetryableProviderError
+from .errors import PermanentProviderError, RetryableProviderError
 
 if TYPE_CHECKING:
     import httpx
+
+    from .base import FetchRequest
 
 #: Largest response body read, in bytes (a month of slots is a few hundred KiB at most).
 #: Both the bytes on the wire and the decoded body are held to it.

@@ -42,13 +42,15 @@ from urllib.parse import parse_qsl, urljoin, urlsplit
 from ._body import ACCEPT_ENCODING, MAX_JSON_WEIGHT, json_weight, load_json, read_capped
 from ._body import MAX_BODY_BYTES as MAX_BODY_BYTES  # where the providers have always found it
 from ._shape import excerpt
-from .base import FetchRequest, PermanentProviderError, RetryableProviderError
+from .errors import PermanentProviderError, RetryableProviderError
 from .scopes import Destinations
 
 if TYPE_CHECKING:
     import ssl
 
     import httpx
+
+    from .base import FetchRequest
 
 #: Tries per request for transient failures (5xx, 408, timeouts, connection errors).
 ATTEMPTS = 3

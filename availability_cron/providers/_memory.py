@@ -20,8 +20,12 @@ import threading
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
-from .base import FetchRequest, RetryableProviderError
+from .errors import RetryableProviderError
+
+if TYPE_CHECKING:
+    from .base import FetchRequest
 
 #: What the run's expensive parses may hold at once (see benchmarks/README.md, memory).
 PARSE_MEMORY_BYTES = 64 * 1024 * 1024

@@ -23,58 +23,21 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
-from ..errors import AvailabilityCronError
+from ._http import HttpSession
+from ._memory import MemoryBudget
+from .errors import PermanentProviderError, ProviderError, RetryableProviderError
+from .scopes import Destinations, SecretScopes
 
-if TYPE_CHECKING:
-    from ._http import HttpSession
-    from ._memory import MemoryBudget
-    from .scopes import Destinations, SecretScopes
-
-
-class ProviderError(AvailabilityCronError):
-    """The calendar provider call failed."""
-
-
-class RetryableProviderError(ProviderError):
-    """The provider failed in a way that may succeed later (rate limit, 5xx, timeout)."""
-
-    def __init__(
-        self,
-        message: str | None = None,
-        *,
-        retry_after: float | None = None,
-        rate_limited: bool = False,
-    ) -> None:
-        super().__init__(message)
-        #: Seconds the provider asked us to wait before the next attempt, if it said.
-        self.retry_after = retry_after
-        #: The provider refused for rate limiting: do not retry within this run.
-        self.rate_limited = rate_limited
-
-
-class PermanentProviderError(ProviderError):
-    """The provider failed in a way that will not fix itself (config, auth, not found)."""
+__all__ = ["FetchRequest", "PermanentProviderError", "Provider", "ProviderContext",
+           "ProviderError", "RetryableProviderError"]
 
 
 def _new_http_session() -> HttpSession:
     from .. import __version__
-    from ._http import HttpSession  # _http imports this module: import when first needed
 
     return HttpSession(user_agent=f"availability-cron/{__version__} (calendar availability cache)")
-
-
-def _builtin_scopes() -> SecretScopes:
-    from .scopes import SecretScopes  # scopes imports this module
-
-    return SecretScopes()
-
-
-def _new_memory_budget() -> MemoryBudget:
-    from ._memory import MemoryBudget  # _memory imports this module too
-
-    return MemoryBudget()
 
 
 @dataclass(frozen=True)
@@ -89,9 +52,9 @@ class ProviderContext:
     http: HttpSession = field(default_factory=lambda: _new_http_session())
     #: The operator's rules for which workspace may name which variable, and where its
     #: value may be sent (the built-in rules when not given; see ``scopes``).
-    secret_scopes: SecretScopes = field(default_factory=lambda: _builtin_scopes())
+    secret_scopes: SecretScopes = field(default_factory=SecretScopes)
     #: The run's budget for expensive parses (an iCalendar feed): one for all workers.
-    memory: MemoryBudget = field(default_factory=lambda: _new_memory_budget())
+    memory: MemoryBudget = field(default_factory=MemoryBudget)
     #: ``secret_scopes`` bound to ``environ``: computed once, here.
     destinations: Destinations = field(init=False, repr=False, compare=False)
 

@@ -43,7 +43,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from .base import PermanentProviderError
+from .errors import PermanentProviderError
 
 log = logging.getLogger(__name__)
 
